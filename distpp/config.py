@@ -1,0 +1,94 @@
+"""SamplerConfig: the settings of a guided sampler, validated when built."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+from .errors import ConfigError
+from .ops import KERNEL_IMPLS
+from .schedules import FAMILIES, PREDICTION_TYPES
+
+TEACHER_RULES = ("next", "same", "random")
+# ALGORITHM.md defaults: 0.01 for the LCM family and DMD2, 0.1 for SDXL-Lightning (euler), 0.05 for
+# SDXL-Turbo (euler_a); DDIM students are not in the paper: the VP families' 0.01.
+DEFAULT_LAM = {"lcm": 0.01, "dmd2": 0.01, "euler": 0.1, "euler_a": 0.05, "ddim": 0.01}
+
+
+@dataclass(frozen=True)
+class SamplerConfig:
+    """Settings of a guided sampler (defaults from ALGORITHM.md).
+
+    family:          student family: lcm, dmd2, euler (SDXL-Lightning), euler_a (SDXL-Turbo), ddim.
+    steps:           student steps N (default 4; or len(timesteps)).
+    timesteps:       explicit student timesteps (lcm, dmd2, euler), e.g. (399,) for DMD2 1-step.
+    guided_steps:    G, teacher-guided steps at the start, 0..N (default 1; 0 = plain student).
+    lam:             proximal weight in [0, 1]; None = the family default (DEFAULT_LAM).
+    cfg:             teacher CFG scale w >= 0 (default 7.5).
+    teacher_rule:    teacher timestep: "next" (the level the student's update moves to; default),
+                     "same" (the student's t) or "random" (uniform integer in [next, t]).
+    prediction_type: the student's: epsilon, v_prediction or sample.
+    teacher_prediction_type: the teacher's.
+    scheduler_config: a diffusers scheduler config overriding the family defaults.
+    kernel_impl:     fused ops: auto (triton on CUDA, torch on CPU), torch, triton or cuda.
+    check_finite:    check inputs for NaN/inf before sampling (one host sync per call; default off).
+    """
+
+    family: str = "lcm"
+    steps: int | None = None
+    timesteps: tuple[int, ...] | None = None
+    guided_steps: int = 1
+    lam: float | None = None
+    cfg: float = 7.5
+    teacher_rule: str = "next"
+    prediction_type: str = "epsilon"
+    teacher_prediction_type: str = "epsilon"
+    scheduler_config: Mapping[str, Any] | None = field(default=None, hash=False)
+    kernel_impl: str = "auto"
+    check_finite: bool = False
+
+    def __post_init__(self):
+        if self.family not in FAMILIES:
+            raise ConfigError(f"unknown family {self.family!r}; pass one of {', '.join(FAMILIES)}")
+        for name in ("prediction_type", "teacher_prediction_type"):
+            if getattr(self, name) not in PREDICTION_TYPES:
+                raise ConfigError(f"unknown {name} {getattr(self, name)!r}; pass one of {', '.join(PREDICTION_TYPES)}")
+        if self.timesteps is not None:
+            object.__setattr__(self, "timesteps", tuple(int(t) for t in self.timesteps))
+        n = self.num_steps
+        if n < 1:
+            raise ConfigError(f"steps must be >= 1, got {n}")
+        if not isinstance(self.guided_steps, int) or not (0 <= self.guided_steps <= n):
+            raise ConfigError(f"guided_steps must be an integer in [0, {n}] (the number of steps), "
+                              f"got {self.guided_steps!r}")
+        check_lam(self.resolved_lam)
+        check_cfg(self.cfg)
+        if self.teacher_rule not in TEACHER_RULES:
+            raise ConfigError(f"unknown teacher_rule {self.teacher_rule!r}; pass one of {', '.join(TEACHER_RULES)}")
+        if self.kernel_impl not in KERNEL_IMPLS:
+            raise ConfigError(f"unknown kernel_impl {self.kernel_impl!r}; pass one of {', '.join(KERNEL_IMPLS)}")
+
+    @property
+    def num_steps(self) -> int:
+        if self.timesteps is not None:
+            if self.steps is not None and self.steps != len(self.timesteps):
+                raise ConfigError(f"steps={self.steps} disagrees with {len(self.timesteps)} timesteps; pass one")
+            return len(self.timesteps)
+        return 4 if self.steps is None else int(self.steps)
+
+    @property
+    def resolved_lam(self) -> float:
+        return DEFAULT_LAM[self.family] if self.lam is None else float(self.lam)
+
+
+def check_lam(lam: float) -> float:
+    if not isinstance(lam, (int, float)) or not (0.0 <= float(lam) <= 1.0):
+        raise ConfigError(f"lam must be in [0, 1] (0 = no guidance; paper defaults 0.01-0.1), got {lam!r}")
+    return float(lam)
+
+
+def check_cfg(cfg: float) -> float:
+    if not isinstance(cfg, (int, float)) or not math.isfinite(cfg) or cfg < 0:
+        raise ConfigError(f"cfg (the teacher's CFG scale) must be a finite number >= 0 (default 7.5), got {cfg!r}")
+    return float(cfg)

@@ -1,0 +1,183 @@
+"""The Denoiser protocol and the diffusers UNet adapter.
+
+A model is any callable ``(x, t, cond) -> prediction``:
+  x:    [batch, C, H, W] model input in the model's dtype, already scaled to VP variables
+        (x = a_t x0 + s_t e), so Euler-family scaling is the sampler's job, not the model's;
+  t:    [batch] float32 timesteps on the model's device (per-sample: the teacher may get mixed levels);
+  cond: a :class:`Cond` whose tensors have ``batch`` rows;
+  returns [batch, C, H, W] (epsilon, v or x0 as the model's prediction type says), any float dtype.
+
+Optional attributes a sampler uses when present: ``spec`` (a :class:`ModelSpec`, for input validation
+before anything runs) and ``prepare(cond) -> Cond`` (called once per sampling call, before the loop, to
+add model-specific conditioning such as LCM's guidance-scale embedding).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields, replace
+from typing import Any, Protocol, runtime_checkable
+
+import torch
+
+from .errors import ConfigError, InputError
+
+
+@dataclass(frozen=True)
+class Cond:
+    """Conditioning of one batch; every tensor's first dimension is the batch.
+
+    encoder_hidden_states: [B, L, D] text-encoder states (D = the UNet's cross_attention_dim).
+    text_embeds:           [B, P] pooled text embedding (SDXL-style ``text_time`` models), else None.
+    time_ids:              [B, 6] SDXL size/crop conditioning, else None.
+    timestep_cond:         [B, time_cond_proj_dim] LCM guidance-scale embedding, else None (the UNet
+                           adapter fills it in ``prepare``).
+    """
+
+    encoder_hidden_states: torch.Tensor
+    text_embeds: torch.Tensor | None = None
+    time_ids: torch.Tensor | None = None
+    timestep_cond: torch.Tensor | None = None
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {f.name: getattr(self, f.name) for f in fields(self) if getattr(self, f.name) is not None}
+
+    @property
+    def batch(self) -> int:
+        return int(self.encoder_hidden_states.shape[0])
+
+    def map(self, fn) -> "Cond":
+        return Cond(**{k: fn(v) for k, v in self.tensors().items()})
+
+    def to(self, device=None, dtype=None) -> "Cond":
+        return self.map(lambda v: v.to(device=device, dtype=dtype if v.is_floating_point() else None))
+
+    def expand(self, batch: int) -> "Cond":
+        """Rows broadcast to ``batch`` (from 1 or ``batch`` rows), materialized once."""
+        if self.batch == batch:
+            return self
+        if self.batch != 1:
+            raise InputError(f"conditioning has {self.batch} rows; pass 1 (shared) or {batch} (one per sample)")
+        return self.map(lambda v: v.expand((batch,) + tuple(v.shape[1:])).contiguous())
+
+    @staticmethod
+    def cat(a: "Cond", b: "Cond") -> "Cond":
+        ka, kb = set(a.tensors()), set(b.tensors())
+        if ka != kb:
+            raise InputError(f"conditionings to stack differ in fields: {sorted(ka)} vs {sorted(kb)}")
+        return Cond(**{k: torch.cat([getattr(a, k), getattr(b, k)]) for k in ka})
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """What a model accepts, for validation before any forward runs (None: not checked)."""
+
+    in_channels: int | None = None
+    cross_attention_dim: int | None = None
+    text_embeds_dim: int | None = None  # set for SDXL-style "text_time" conditioning
+    time_ids_dim: int | None = None
+    time_cond_proj_dim: int | None = None
+    dtype: torch.dtype | None = None
+    device: torch.device | None = None
+    prediction_type: str | None = None
+
+
+@runtime_checkable
+class Denoiser(Protocol):
+    def __call__(self, x: torch.Tensor, t: torch.Tensor, cond: Cond) -> torch.Tensor: ...
+
+
+def spec_of(model: Any) -> ModelSpec:
+    return getattr(model, "spec", None) or ModelSpec()
+
+
+def prepare_cond(model: Any, cond: Cond) -> Cond:
+    prep = getattr(model, "prepare", None)
+    return prep(cond) if prep is not None else cond
+
+
+def check_cond(who: str, spec: ModelSpec, cond: Cond, batch: int) -> None:
+    """Raise InputError unless ``cond`` fits ``spec`` with ``batch`` rows."""
+    if not isinstance(cond, Cond):
+        raise InputError(f"{who} conditioning must be a distpp.Cond, got {type(cond).__name__}")
+    ehs = cond.encoder_hidden_states
+    if not isinstance(ehs, torch.Tensor) or ehs.dim() != 3:
+        raise InputError(f"{who} encoder_hidden_states must be a [batch, tokens, width] tensor, "
+                         f"got {getattr(ehs, 'shape', type(ehs).__name__)}")
+    for name, v in cond.tensors().items():
+        if v.shape[0] != batch:
+            raise InputError(f"{who} {name} has batch {v.shape[0]}; expected {batch} (one row per sample)")
+        if not v.is_floating_point():
+            raise InputError(f"{who} {name} must be a float tensor, got {v.dtype}")
+    if spec.cross_attention_dim is not None and ehs.shape[-1] != spec.cross_attention_dim:
+        raise InputError(f"{who} encoder_hidden_states width is {ehs.shape[-1]}; the model's "
+                         f"cross_attention_dim is {spec.cross_attention_dim}: encode with the matching text encoder")
+    if spec.text_embeds_dim is not None:
+        if cond.text_embeds is None or cond.time_ids is None:
+            raise InputError(f"{who} is an SDXL-style model: pass Cond(text_embeds=[B, {spec.text_embeds_dim}], "
+                             f"time_ids=[B, {spec.time_ids_dim}])")
+        if tuple(cond.text_embeds.shape[1:]) != (spec.text_embeds_dim,):
+            raise InputError(f"{who} text_embeds has shape {tuple(cond.text_embeds.shape)}; "
+                             f"expected [B, {spec.text_embeds_dim}]")
+        if tuple(cond.time_ids.shape[1:]) != (spec.time_ids_dim,):
+            raise InputError(f"{who} time_ids has shape {tuple(cond.time_ids.shape)}; expected [B, {spec.time_ids_dim}]")
+
+
+def guidance_scale_embedding(w: torch.Tensor, dim: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """LCM's guidance-scale embedding of ``w`` ([B]) -> [B, dim]: the sinusoidal embedding of 1000*w
+    that diffusers' LCM pipeline feeds as ``timestep_cond`` (tested equal to its implementation; kept
+    here so the core does not import transformers through the pipeline module)."""
+    half = dim // 2
+    freqs = torch.exp(torch.arange(half, dtype=dtype) * -(torch.log(torch.tensor(10000.0)) / (half - 1)))
+    emb = (w.to(dtype) * 1000.0)[:, None] * freqs[None, :]
+    emb = torch.cat([torch.sin(emb), torch.cos(emb)], dim=1)
+    return torch.nn.functional.pad(emb, (0, 1)) if dim % 2 == 1 else emb
+
+
+class UNetDenoiser:
+    """Adapter from a diffusers ``UNet2DConditionModel`` to the Denoiser protocol.
+
+    Handles SD1.5-style (encoder states only) and SDXL-style (``text_time``: pooled text_embeds and
+    time_ids) conditioning, and LCM's guidance-scale embedding for UNets with ``time_cond_proj_dim``:
+    ``w_embed`` is the student's w (diffusers' LCM pipeline passes guidance_scale - 1; its default
+    guidance_scale 8.5 gives the default 7.5). The embedding is computed once per call in ``prepare``.
+    """
+
+    def __init__(self, unet, *, w_embed: float = 7.5, prediction_type: str | None = None):
+        cfg = unet.config
+        self.unet = unet
+        self.w_embed = float(w_embed)
+        text_dim = time_dim = None
+        if getattr(cfg, "addition_embed_type", None) == "text_time":
+            time_dim = 6
+            text_dim = int(cfg.projection_class_embeddings_input_dim) - time_dim * int(cfg.addition_time_embed_dim)
+        elif getattr(cfg, "addition_embed_type", None) not in (None, "text_time"):
+            raise ConfigError(f"UNet addition_embed_type {cfg.addition_embed_type!r} is not supported "
+                              "(supported: none, 'text_time')")
+        cad = cfg.cross_attention_dim
+        param = next(unet.parameters())
+        self.spec = ModelSpec(
+            in_channels=int(cfg.in_channels),
+            cross_attention_dim=int(cad) if isinstance(cad, int) else None,
+            text_embeds_dim=text_dim,
+            time_ids_dim=time_dim,
+            time_cond_proj_dim=cfg.time_cond_proj_dim,
+            dtype=param.dtype,
+            device=param.device,
+            prediction_type=prediction_type,
+        )
+
+    def prepare(self, cond: Cond) -> Cond:
+        dim = self.spec.time_cond_proj_dim
+        if dim is None or cond.timestep_cond is not None:
+            return cond
+        w = torch.full((cond.batch,), self.w_embed, dtype=torch.float32)
+        emb = guidance_scale_embedding(w, dim).to(device=cond.encoder_hidden_states.device,
+                                                  dtype=cond.encoder_hidden_states.dtype)
+        return replace(cond, timestep_cond=emb)
+
+    def __call__(self, x: torch.Tensor, t: torch.Tensor, cond: Cond) -> torch.Tensor:
+        added = None
+        if self.spec.text_embeds_dim is not None:
+            added = {"text_embeds": cond.text_embeds, "time_ids": cond.time_ids}
+        return self.unet(x, t, encoder_hidden_states=cond.encoder_hidden_states,
+                         timestep_cond=cond.timestep_cond, added_cond_kwargs=added, return_dict=False)[0]

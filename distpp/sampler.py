@@ -1,0 +1,315 @@
+"""The Distillation++ guided sampler (ALGORITHM.md), built from small pure step functions.
+
+``Sampler.sample`` = ``prepare`` (validate everything, draw all noise, build per-call tables and
+buffers; nothing runs half-way) + ``run_loop`` (the loop: model forwards and fused ops only, no host
+math, no syncs, no allocations of its own). The graph runner captures ``run_loop`` over a ``Plan``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import torch
+
+from .config import SamplerConfig, check_cfg, check_lam
+from .denoiser import Cond, ModelSpec, check_cond, prepare_cond, spec_of
+from .errors import ConfigError, InputError
+from .ops import FusedOps, resolve_ops
+from .schedules import NUM_GCOLS, Schedule, build_schedule, teacher_coefficients
+
+# Base-seed offset of the guidance generator: sample seed s uses Generator(s) for the initial and
+# fresh noise and Generator(s + GUIDANCE_SEED_OFFSET) for the teacher re-noise (and random levels).
+GUIDANCE_SEED_OFFSET = 2**32
+
+
+@dataclass
+class Plan:
+    """Static buffers of one sampling call (B samples, latent [C, H, W], N steps, G guided).
+
+    x:        [B, C, H, W] float32 sampler state (initial noise * init_noise_sigma; final result).
+    x_in:     [B, C, H, W] student input (model dtype), c_in[0] * x to start.
+    z:        [N, B, C, H, W] float32 fresh noise per step (rows of steps that draw none are unused).
+    n:        [G, B, C, H, W] float32 guidance re-noise.
+    t_in:     [2B, C, H, W] teacher input (teacher dtype), written by student_update.
+    gcoef:    [G, B, 4] float32 guidance table (a_s, s_s, tp_x, tp_m).
+    t_student:[N, B] float32 student timesteps; t_teacher: [G, 2B] float32 teacher timesteps.
+    lam, cfg: [B] float32 (device-resident: a captured graph reads them at replay).
+    cond_s:   prepared student Cond [B]; cond_t: prepared teacher Cond [2B] (uncond rows first).
+    """
+
+    x: torch.Tensor
+    x_in: torch.Tensor
+    z: torch.Tensor
+    n: torch.Tensor
+    t_in: torch.Tensor | None
+    gcoef: torch.Tensor
+    t_student: torch.Tensor
+    t_teacher: torch.Tensor
+    lam: torch.Tensor
+    cfg: torch.Tensor
+    cond_s: Cond
+    cond_t: Cond | None
+    guided_steps: int
+
+    @property
+    def batch(self) -> int:
+        return int(self.x.shape[0])
+
+
+def run_loop(student, teacher, ops: FusedOps, schedule: Schedule, plan: Plan, timer=None) -> torch.Tensor:
+    """The guided sampling loop over ``plan``'s buffers; returns ``plan.x`` (final latents, float32).
+
+    Per step: one student forward; on guided steps (k < G) student_update -> one batch-2B teacher
+    forward -> guided_update; else plain_update. Python branches only on host ints fixed per schedule.
+    """
+    N, G, coef = schedule.steps, plan.guided_steps, schedule.coef
+    if timer is not None:
+        timer.begin()
+    for k in range(N):
+        m_s = student(plan.x_in, plan.t_student[k], plan.cond_s)
+        if timer is not None:
+            timer.lap("student")
+        z = plan.z[k] if schedule.draws_noise[k] else None
+        xin_out = plan.x_in if k + 1 < N else None
+        if k < G:
+            ops.student_update(plan.x, m_s, plan.n[k], coef, plan.gcoef, k, plan.t_in)
+            if timer is not None:
+                timer.lap("guidance")
+            m_t = teacher(plan.t_in, plan.t_teacher[k], plan.cond_t)
+            if timer is not None:
+                timer.lap("teacher")
+            ops.guided_update(plan.x, m_s, plan.n[k], m_t, z, coef, plan.gcoef, plan.lam, plan.cfg, k,
+                              plan.x, xin_out)
+            if timer is not None:
+                timer.lap("guidance")
+        else:
+            ops.plain_update(plan.x, m_s, z, coef, k, plan.x, xin_out)
+            if timer is not None:
+                timer.lap("scheduler")
+    return plan.x
+
+
+def make_generators(seeds: Sequence[int], device: torch.device | str, offset: int = 0) -> list[torch.Generator]:
+    return [torch.Generator(device=device).manual_seed(int(s) + offset) for s in seeds]
+
+
+class Sampler:
+    """A guided (or plain) few-step sampler for one student/teacher pair.
+
+    student, teacher: Denoisers (see distpp.denoiser); teacher may be None when guided_steps = 0.
+    config:           SamplerConfig.
+    device:           where sampling runs (default: the student's spec device, else CPU).
+    dtype:            model-input dtype of the student (default: its spec dtype, else float32);
+                      teacher_dtype likewise for the teacher.
+    """
+
+    def __init__(self, student, teacher=None, config: SamplerConfig | None = None, *,
+                 device: torch.device | str | None = None, dtype: torch.dtype | None = None,
+                 teacher_dtype: torch.dtype | None = None):
+        self.config = config = config or SamplerConfig()
+        if not callable(student):
+            raise ConfigError("student must be a Denoiser: a callable (x, t, cond) -> prediction")
+        if teacher is not None and not callable(teacher):
+            raise ConfigError("teacher must be a Denoiser: a callable (x, t, cond) -> prediction")
+        if teacher is None and config.guided_steps > 0:
+            raise ConfigError("guided_steps > 0 needs a teacher; pass teacher=... or guided_steps=0")
+        self.student, self.teacher = student, teacher
+        s_spec, t_spec = spec_of(student), spec_of(teacher)
+        self.device = torch.device(device if device is not None else (s_spec.device or "cpu"))
+        self.dtype = dtype or s_spec.dtype or torch.float32
+        self.teacher_dtype = teacher_dtype or t_spec.dtype or self.dtype
+        for who, spec, dt in (("student", s_spec, self.dtype), ("teacher", t_spec, self.teacher_dtype)):
+            _check_device_dtype(who, spec, self.device, dt)
+        for who, spec, pt in (("student", s_spec, config.prediction_type),
+                              ("teacher", t_spec, config.teacher_prediction_type)):
+            if spec.prediction_type is not None and spec.prediction_type != pt:
+                raise ConfigError(f"the {who} predicts {spec.prediction_type!r} but the config says {pt!r}; "
+                                  f"set SamplerConfig({'teacher_' if who == 'teacher' else ''}prediction_type=...)")
+        if teacher is not None and None not in (s_spec.in_channels, t_spec.in_channels) \
+                and s_spec.in_channels != t_spec.in_channels:
+            raise ConfigError(f"student takes {s_spec.in_channels} latent channels but the teacher "
+                              f"{t_spec.in_channels}: they must share a latent space")
+        self.schedule = build_schedule(config.family, config.steps, timesteps=config.timesteps,
+                                       prediction_type=config.prediction_type,
+                                       scheduler_config=config.scheduler_config, device=self.device)
+        self.ops = resolve_ops(config.kernel_impl, self.device)
+        # Guidance rows for the fixed teacher rules, [N, 4] float32: computed once, indexed per call.
+        sch = self.schedule
+        self._grows = {
+            "next": teacher_coefficients(sch.abar_next.double(), config.teacher_prediction_type).float(),
+            "same": teacher_coefficients(sch.abar.double(), config.teacher_prediction_type).float(),
+        }
+        self._gtimes = {"next": sch.t_next, "same": sch.t_model}
+
+    # ------------------------------------------------------------------------------------------------
+    def sample(self, cond: Cond, *, uncond: Cond | None = None, teacher_cond: Cond | None = None,
+               teacher_uncond: Cond | None = None, latent_shape: Sequence[int] | None = None,
+               noise: torch.Tensor | None = None, seeds: Sequence[int] | None = None,
+               generators: Sequence[torch.Generator] | None = None,
+               guidance_generators: Sequence[torch.Generator] | None = None,
+               lam: float | Sequence[float] | None = None, cfg: float | Sequence[float] | None = None,
+               timer=None) -> torch.Tensor:
+        """Sample B latents; returns [B, C, H, W] float32 on the sampler's device.
+
+        cond:          student conditioning, B rows (B = the batch).
+        uncond:        the negative/empty-prompt conditioning for the teacher's CFG (1 or B rows); needed
+                       when guided_steps > 0. teacher_cond / teacher_uncond override cond / uncond for a
+                       teacher with other encoders.
+        latent_shape:  (C, H, W) of the latents; or noise: [B, C, H, W] unit-variance initial noise.
+        seeds:         one int per sample (default 0..B-1); or generators / guidance_generators, one per
+                       sample (see the randomness contract in docs/ARCHITECTURE.md).
+        lam, cfg:      per-call overrides, a float or one per sample.
+        timer:         optional StageTimer for per-stage timings.
+        """
+        plan = self.prepare(cond, uncond=uncond, teacher_cond=teacher_cond, teacher_uncond=teacher_uncond,
+                            latent_shape=latent_shape, noise=noise, seeds=seeds, generators=generators,
+                            guidance_generators=guidance_generators, lam=lam, cfg=cfg)
+        with torch.inference_mode():
+            return run_loop(self.student, self.teacher, self.ops, self.schedule, plan, timer)
+
+    # ------------------------------------------------------------------------------------------------
+    def prepare(self, cond: Cond, *, uncond=None, teacher_cond=None, teacher_uncond=None, latent_shape=None,
+                noise=None, seeds=None, generators=None, guidance_generators=None, lam=None, cfg=None) -> Plan:
+        """Validate the inputs, draw all noise, and build the buffers of one call (see Plan)."""
+        cfgs, sch, dev = self.config, self.schedule, self.device
+        G, N = cfgs.guided_steps, sch.steps
+        if not isinstance(cond, Cond):
+            raise InputError(f"cond must be a distpp.Cond, got {type(cond).__name__}")
+        B = cond.batch
+        s_spec, t_spec = spec_of(self.student), spec_of(self.teacher)
+        check_cond("student", s_spec, cond, B)
+        shape = self._latent_shape(B, latent_shape, noise, s_spec)
+        lam_v = _per_sample("lam", cfgs.resolved_lam if lam is None else lam, B, check_lam)
+        cfg_v = _per_sample("cfg", cfgs.cfg if cfg is None else cfg, B, check_cfg)
+        cond_t = None
+        if G > 0:
+            tc = teacher_cond if teacher_cond is not None else cond
+            tu = teacher_uncond if teacher_uncond is not None else uncond
+            if tu is None:
+                raise InputError("guided steps run the teacher with CFG: pass uncond=Cond(...) (the negative-"
+                                 "prompt conditioning, 1 or B rows), or set guided_steps=0")
+            if not isinstance(tu, Cond) or not isinstance(tc, Cond):
+                raise InputError("uncond / teacher_cond must be distpp.Cond objects")
+            check_cond("teacher", t_spec, tc, B)
+            tu = tu.expand(B)
+            check_cond("teacher uncond", t_spec, tu, B)
+            cond_t = Cond.cat(tu, tc)
+        gens, ggens = self._generators(B, seeds, generators, guidance_generators)
+        if cfgs.check_finite:
+            for name, c in (("cond", cond), ("teacher cond", cond_t)):
+                if c is not None:
+                    for k, v in c.tensors().items():
+                        if not torch.isfinite(v).all():
+                            raise InputError(f"{name} {k} contains NaN or inf")
+            if noise is not None and not torch.isfinite(noise).all():
+                raise InputError("noise contains NaN or inf")
+
+        # --- everything validated: draw noise and build the per-call buffers -----------------------
+        per = (1,) + tuple(shape[1:])
+        f32 = dict(dtype=torch.float32, device=dev)
+        x = torch.empty(shape, **f32)
+        z = torch.empty((N,) + tuple(shape), **f32)
+        n = torch.empty((G,) + tuple(shape), **f32)
+        levels = torch.empty((G, B), dtype=torch.int64)
+        for b in range(B):
+            g = gens[b]
+            if noise is None:
+                x[b] = torch.randn(per, generator=g, device=g.device, dtype=torch.float32)[0].to(dev)
+            for k in range(N):
+                if sch.draws_noise[k]:
+                    z[k, b] = torch.randn(per, generator=g, device=g.device, dtype=torch.float32)[0].to(dev)
+            gg = ggens[b]
+            for k in range(G):
+                if cfgs.teacher_rule == "random":
+                    lo, hi = sch.level_bounds[k]
+                    levels[k, b] = int(torch.randint(lo, hi + 1, (1,), generator=gg, device=gg.device)[0])
+                n[k, b] = torch.randn(per, generator=gg, device=gg.device, dtype=torch.float32)[0].to(dev)
+        if noise is not None:
+            x.copy_(noise)
+        x.mul_(sch.init_noise_sigma)
+        x_in = (x * sch.c_in[0]).to(self.dtype)
+
+        if cfgs.teacher_rule == "random" and G > 0:
+            lv = levels.to(dev)
+            abar = sch.alphas_cumprod.double()[lv]
+            gcoef = teacher_coefficients(abar, cfgs.teacher_prediction_type).float().contiguous()
+            t_teacher = lv.float()
+        else:
+            gcoef = self._grows[cfgs.teacher_rule][:G, None, :].expand(G, B, NUM_GCOLS).contiguous()
+            t_teacher = self._gtimes[cfgs.teacher_rule][:G, None].expand(G, B)
+        t_teacher = torch.cat([t_teacher, t_teacher], dim=1).contiguous()
+        t_student = sch.t_model[:, None].expand(N, B).contiguous()
+        t_in = torch.empty((2 * B,) + tuple(shape[1:]), dtype=self.teacher_dtype, device=dev) if G > 0 else None
+        cond_s = prepare_cond(self.student, cond.to(dev, self.dtype))
+        if cond_t is not None:
+            cond_t = prepare_cond(self.teacher, cond_t.to(dev, self.teacher_dtype))
+        return Plan(x=x, x_in=x_in, z=z, n=n, t_in=t_in, gcoef=gcoef, t_student=t_student, t_teacher=t_teacher,
+                    lam=lam_v.to(dev), cfg=cfg_v.to(dev), cond_s=cond_s, cond_t=cond_t, guided_steps=G)
+
+    # ------------------------------------------------------------------------------------------------
+    def _latent_shape(self, B, latent_shape, noise, spec: ModelSpec) -> tuple[int, ...]:
+        if noise is not None:
+            if not isinstance(noise, torch.Tensor) or noise.dim() != 4 or not noise.is_floating_point():
+                raise InputError(f"noise must be a float [B, C, H, W] tensor, got "
+                                 f"{getattr(noise, 'shape', type(noise).__name__)}")
+            if noise.shape[0] != B:
+                raise InputError(f"noise has batch {noise.shape[0]} but cond has {B} rows; they must match")
+            shape = tuple(noise.shape)
+        else:
+            if latent_shape is None:
+                raise InputError("pass latent_shape=(C, H, W) (latent channels and size) or noise=[B, C, H, W]")
+            ls = tuple(int(v) for v in latent_shape)
+            if len(ls) != 3:
+                raise InputError(f"latent_shape must be (C, H, W), got {latent_shape!r}")
+            shape = (B,) + ls
+        if any(v < 1 for v in shape):
+            raise InputError(f"latent shape {shape} has an empty dimension")
+        if spec.in_channels is not None and shape[1] != spec.in_channels:
+            raise InputError(f"latents have {shape[1]} channels but the student takes {spec.in_channels}; "
+                             f"pass latent_shape=({spec.in_channels}, H, W)")
+        return shape
+
+    def _generators(self, B, seeds, generators, guidance_generators):
+        if generators is not None or guidance_generators is not None:
+            if seeds is not None:
+                raise InputError("pass either seeds or generators, not both")
+            if generators is None or guidance_generators is None:
+                raise InputError("pass both generators and guidance_generators (one pair per sample), or seeds")
+            gens, ggens = list(generators), list(guidance_generators)
+            if len(gens) != B or len(ggens) != B:
+                raise InputError(f"need one generator and one guidance generator per sample ({B}), "
+                                 f"got {len(gens)} and {len(ggens)}")
+            return gens, ggens
+        if seeds is None:
+            seeds = list(range(B))
+        seeds = list(seeds)
+        if len(seeds) != B or not all(isinstance(s, int) and s >= 0 for s in seeds):
+            raise InputError(f"seeds must be {B} non-negative ints (one per sample), got {seeds!r}")
+        return make_generators(seeds, self.device), make_generators(seeds, self.device, GUIDANCE_SEED_OFFSET)
+
+
+def _per_sample(name: str, v: Any, B: int, check) -> torch.Tensor:
+    vals = [v] * B if isinstance(v, (int, float)) else list(v)
+    if len(vals) != B:
+        raise InputError(f"{name} must be a number or one value per sample ({B}), got {len(vals)} values")
+    return torch.tensor([check(float(a)) if isinstance(a, (int, float)) else check(a) for a in vals],
+                        dtype=torch.float32)
+
+
+def _check_device_dtype(who: str, spec: ModelSpec, device: torch.device, dtype: torch.dtype) -> None:
+    if dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise ConfigError(f"{who} dtype {dtype} is not supported; pass float32, float16 or bfloat16")
+    if device.type == "cpu" and dtype == torch.float16:
+        raise ConfigError(f"{who}: float16 is not supported on CPU; pass dtype=torch.float32 or torch.bfloat16")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError(f"device {device} requested but CUDA is not available; pass device='cpu'")
+        if dtype == torch.bfloat16 and not torch.cuda.is_bf16_supported():
+            raise ConfigError(f"{who}: this GPU cannot run bfloat16; pass dtype=torch.float16")
+    if spec.dtype is not None and spec.dtype != dtype:
+        raise ConfigError(f"the {who} model is {spec.dtype} but the sampler dtype is {dtype}; "
+                          f"cast the model (.to({dtype})) or pass the matching dtype")
+    if spec.device is not None and torch.device(spec.device).type != device.type:
+        raise ConfigError(f"the {who} model is on {spec.device} but the sampler device is {device}; "
+                          "move the model or pass the matching device")

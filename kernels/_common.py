@@ -1,0 +1,46 @@
+"""Shared checks for the fused ops' Python launchers and references."""
+
+from __future__ import annotations
+
+import torch
+
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def check_latent(name: str, t: torch.Tensor, like: torch.Tensor, batch: int | None = None,
+                 dtypes=FLOAT_DTYPES) -> None:
+    """Raise InputError unless ``t`` is a contiguous float latent on ``like``'s device with ``like``'s
+    per-sample shape (and ``batch`` samples when given)."""
+    from distpp.errors import InputError
+
+    if not isinstance(t, torch.Tensor):
+        raise InputError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dtype not in dtypes:
+        raise InputError(f"{name} has dtype {t.dtype}; pass one of {', '.join(str(d) for d in dtypes)}")
+    if t.device != like.device:
+        raise InputError(f"{name} is on {t.device} but the latents are on {like.device}; move it there")
+    b = like.shape[0] if batch is None else batch
+    if tuple(t.shape) != (b,) + tuple(like.shape[1:]):
+        raise InputError(f"{name} has shape {tuple(t.shape)}; expected {(b,) + tuple(like.shape[1:])}")
+    if not t.is_contiguous():
+        raise InputError(f"{name} must be contiguous; call .contiguous() first")
+
+
+def check_table(name: str, t: torch.Tensor, like: torch.Tensor, ncols: int) -> None:
+    from distpp.errors import InputError
+
+    if t.dtype != torch.float32 or t.device != like.device or t.shape[-1] != ncols or not t.is_contiguous():
+        raise InputError(f"{name} must be a contiguous float32 table [..., {ncols}] on {like.device}, "
+                         f"got {tuple(t.shape)} {t.dtype} on {t.device}")
+
+
+def check_step(k: int, table: torch.Tensor, name: str) -> None:
+    from distpp.errors import InputError
+
+    if not (0 <= int(k) < table.shape[0]):
+        raise InputError(f"step index {k} is outside {name}'s {table.shape[0]} rows")
+
+
+def bcast(v: torch.Tensor, ndim: int) -> torch.Tensor:
+    """A per-sample [B] vector viewed for broadcasting against a [B, ...] latent."""
+    return v.view((v.shape[0],) + (1,) * (ndim - 1))

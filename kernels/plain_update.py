@@ -1,0 +1,63 @@
+"""plain_update: an unguided step. x0 and the student's noise estimate from its prediction, then the
+family's native update; also writes the next model input.
+
+    x0      = P_x[k] * x + P_m[k] * m_s
+    e       = Q_x[k] * x + Q_m[k] * m_s
+    x_next  = A[k] * x0 + B[k] * e + C[k] * z         (z only where the step draws fresh noise)
+    xin_out = c_in[k + 1] * x_next                     (cast to the model dtype; skipped when None)
+"""
+
+from __future__ import annotations
+
+import torch
+
+from distpp.schedules import COL_A, COL_B, COL_C, COL_CIN_NEXT, COL_PM, COL_PX, COL_QM, COL_QX, NUM_COLS
+
+from ._common import check_latent, check_step, check_table
+
+
+def check_plain_update(x, m_s, z, coef, k, x_out, xin_out) -> None:
+    check_latent("x", x, x, dtypes=(torch.float32,))
+    check_latent("m_s", m_s, x)
+    if z is not None:
+        check_latent("z", z, x, dtypes=(torch.float32,))
+    check_latent("x_out", x_out, x, dtypes=(torch.float32,))
+    if xin_out is not None:
+        check_latent("xin_out", xin_out, x)
+    check_table("coef", coef, x, NUM_COLS)
+    check_step(k, coef, "coef")
+
+
+def native_next(c: torch.Tensor, x0: torch.Tensor, e: torch.Tensor, z: torch.Tensor | None) -> torch.Tensor:
+    """The family's native update from a (possibly guided) x0: A*x0 + B*e (+ C*z)."""
+    nxt = c[COL_A] * x0 + c[COL_B] * e
+    if z is not None:
+        nxt = nxt + c[COL_C] * z
+    return nxt
+
+
+def plain_update_ref(x: torch.Tensor, m_s: torch.Tensor, z: torch.Tensor | None, coef: torch.Tensor, k: int,
+                     x_out: torch.Tensor, xin_out: torch.Tensor | None) -> torch.Tensor:
+    """Pure-torch reference and CPU fallback.
+
+    x: [B, ...] float32 state; m_s: [B, ...] student prediction; z: [B, ...] float32 fresh noise of
+    step k or None; coef: [N, 8] float32; k: host int; x_out: [B, ...] float32 (may be ``x``);
+    xin_out: [B, ...] next model input (model dtype) or None. Returns ``x_out``.
+    """
+    c = coef[k]
+    m = m_s.float()
+    x0 = c[COL_PX] * x + c[COL_PM] * m
+    e = c[COL_QX] * x + c[COL_QM] * m
+    nxt = native_next(c, x0, e, z)
+    x_out.copy_(nxt)
+    if xin_out is not None:
+        xin_out.copy_(c[COL_CIN_NEXT] * nxt)
+    return x_out
+
+
+def plain_update(x, m_s, z, coef, k, x_out, xin_out):
+    """Triton launcher (CUDA tensors); same contract as :func:`plain_update_ref`."""
+    from ._triton import launch_plain_update
+
+    check_plain_update(x, m_s, z, coef, k, x_out, xin_out)
+    return launch_plain_update(x, m_s, z, coef, k, x_out, xin_out)
