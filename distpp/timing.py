@@ -31,6 +31,9 @@ class StageTimer:
         self._marks = [("", self._now())]
 
     def lap(self, stage: str) -> None:
+        if not self._marks:
+            self.begin()
+            return
         self._marks.append((stage, self._now()))
 
     def totals(self) -> dict[str, float]:
