@@ -1,0 +1,178 @@
+"""Bad input gets a clear error naming what to pass instead, before any model runs."""
+
+import pytest
+import torch
+
+from distpp import Cond, ConfigError, InputError, Sampler, SamplerConfig, WeightsNotFoundError
+from distpp.presets import build_preset, load_unet
+from helpers import GaussianDenoiser, gaussian_conds
+from distpp.schedules import build_schedule
+
+SHAPE = (4, 6, 6)
+
+
+def models():
+    acp = build_schedule("lcm", 4).alphas_cumprod
+    return GaussianDenoiser(acp), GaussianDenoiser(acp)
+
+
+def sampler(**kw):
+    s, t = models()
+    return Sampler(s, t, SamplerConfig(kernel_impl="torch", **kw)), s, t
+
+
+@pytest.mark.parametrize("kw,match", [
+    (dict(family="lcmx"), "unknown family 'lcmx'; pass one of"),
+    (dict(lam=1.5), r"lam must be in \[0, 1\]"),
+    (dict(lam=-0.1), r"lam must be in \[0, 1\]"),
+    (dict(steps=4, guided_steps=5), r"guided_steps must be an integer in \[0, 4\]"),
+    (dict(guided_steps=-1), "guided_steps"),
+    (dict(steps=0), "steps must be >= 1"),
+    (dict(cfg=float("nan")), "cfg"),
+    (dict(cfg=-1.0), "cfg"),
+    (dict(teacher_rule="prev"), "unknown teacher_rule"),
+    (dict(prediction_type="eps"), "unknown prediction_type"),
+    (dict(kernel_impl="cutlass"), "unknown kernel_impl"),
+    (dict(family="euler_a", timesteps=(999, 500)), "does not take explicit timesteps"),
+    (dict(timesteps=(500, 700)), "strictly decreasing"),
+])
+def test_config_errors(kw, match):
+    with pytest.raises(ConfigError, match=match):
+        s, t = models()
+        Sampler(s, t, SamplerConfig(**kw))
+
+
+def test_guided_needs_teacher():
+    s, _ = models()
+    with pytest.raises(ConfigError, match="needs a teacher"):
+        Sampler(s, None, SamplerConfig(guided_steps=1))
+
+
+def test_dtype_the_device_cannot_run():
+    s, t = models()
+    with pytest.raises(ConfigError, match="float16 is not supported on CPU"):
+        Sampler(s, t, SamplerConfig(), dtype=torch.float16)
+    with pytest.raises(ConfigError, match="not supported"):
+        Sampler(s, t, SamplerConfig(), dtype=torch.float64)
+
+
+def test_model_dtype_mismatch(tiny_pair):
+    with pytest.raises(ConfigError, match="the student model is torch.float32 but the sampler dtype is torch.bfloat16"):
+        Sampler(tiny_pair.student, tiny_pair.teacher, SamplerConfig(), dtype=torch.bfloat16)
+
+
+def _no_model_calls(s, st, tt):
+    assert not st.calls and not tt.calls
+
+
+@pytest.mark.parametrize("case,match", [
+    ("channels", "latents have 3 channels but the student takes 4"),
+    ("noise_batch", "noise has batch 3 but cond has 2 rows"),
+    ("no_shape", r"pass latent_shape=\(C, H, W\)"),
+    ("cond_width", "cross_attention_dim is 8"),
+    ("uncond_missing", "pass uncond=Cond"),
+    ("uncond_batch", "conditioning has 3 rows; pass 1"),
+    ("lam_per_sample", "one value per sample"),
+    ("lam_range", r"lam must be in \[0, 1\]"),
+    ("seeds", "seeds must be 2 non-negative ints"),
+    ("generators", "one generator and one guidance generator per sample"),
+    ("nan_cond", "contains NaN or inf"),
+    ("nan_noise", "noise contains NaN or inf"),
+    ("not_cond", "must be a distpp.Cond"),
+])
+def test_input_errors_before_any_forward(case, match):
+    s, st, tt = sampler(check_finite=True)
+    cond, uncond = gaussian_conds(2)
+    kw = dict(uncond=uncond, latent_shape=SHAPE)
+    if case == "channels":
+        kw["latent_shape"] = (3, 6, 6)
+    elif case == "noise_batch":
+        kw = dict(uncond=uncond, noise=torch.randn(3, *SHAPE))
+    elif case == "no_shape":
+        kw = dict(uncond=uncond)
+    elif case == "cond_width":
+        cond = Cond(torch.randn(2, 3, 9))
+    elif case == "uncond_missing":
+        kw.pop("uncond")
+    elif case == "uncond_batch":
+        kw["uncond"] = Cond(torch.randn(3, 3, 8))
+    elif case == "lam_per_sample":
+        kw["lam"] = [0.1, 0.2, 0.3]
+    elif case == "lam_range":
+        kw["lam"] = [0.1, 2.0]
+    elif case == "seeds":
+        kw["seeds"] = [1]
+    elif case == "generators":
+        kw["generators"] = [torch.Generator()]
+        kw["guidance_generators"] = [torch.Generator()]
+    elif case == "nan_cond":
+        e = cond.encoder_hidden_states.clone()
+        e[1, 2, 3] = float("nan")
+        cond = Cond(e)
+    elif case == "nan_noise":
+        nz = torch.randn(2, *SHAPE)
+        nz[0, 0, 0, 0] = float("inf")
+        kw = dict(uncond=uncond, noise=nz)
+    elif case == "not_cond":
+        cond = cond.encoder_hidden_states
+    with pytest.raises(ConfigError if case == "lam_range" else InputError, match=match):
+        s.sample(cond, **kw)
+    _no_model_calls(s, st, tt)
+
+
+def test_sdxl_style_conditioning_is_checked():
+    pair = build_preset("tiny_xl")
+    s = Sampler(pair.student, pair.teacher, SamplerConfig(family="euler", guided_steps=1, lam=0.1))
+    cond, uncond = pair.random_cond(2)
+    out = s.sample(cond, uncond=uncond, latent_shape=(4, 8, 8), seeds=[1, 2])
+    assert out.shape == (2, 4, 8, 8) and torch.isfinite(out).all()
+    with pytest.raises(InputError, match="SDXL-style model: pass Cond"):
+        s.sample(Cond(cond.encoder_hidden_states), uncond=uncond, latent_shape=(4, 8, 8))
+    bad = Cond(cond.encoder_hidden_states, cond.text_embeds[:, :5], cond.time_ids)
+    with pytest.raises(InputError, match="text_embeds has shape"):
+        s.sample(bad, uncond=uncond, latent_shape=(4, 8, 8))
+
+
+def test_unknown_preset_and_large_preset_on_cpu():
+    with pytest.raises(ConfigError, match="unknown preset 'sd3'"):
+        build_preset("sd3")
+    with pytest.raises(ConfigError, match="needs about 21 GB .* refused on CPU"):
+        build_preset("sdxl")
+
+
+def test_missing_weights(tmp_path):
+    with pytest.raises(WeightsNotFoundError, match="no model folder"):
+        load_unet(str(tmp_path / "nope" / "unet"))
+    with pytest.raises(WeightsNotFoundError, match="could not load UNet weights"):
+        load_unet(str(tmp_path))
+
+
+def test_loop_makes_no_host_reads(monkeypatch):
+    """run_loop never pulls a device value to the host (.item / bool / tolist / numpy)."""
+    from distpp import run_loop
+
+    s, st, tt = sampler(guided_steps=2, family="lcm")
+    cond, uncond = gaussian_conds(2)
+    plan = s.prepare(cond, uncond=uncond, latent_shape=SHAPE)
+
+    def boom(*a, **k):
+        raise AssertionError("host read inside the sampling loop")
+
+    for name in ("item", "tolist", "numpy", "__bool__", "__float__", "__int__"):
+        monkeypatch.setattr(torch.Tensor, name, boom)
+    with torch.inference_mode():
+        out = run_loop(s.student, s.teacher, s.ops, s.schedule, plan)
+    monkeypatch.undo()
+    assert out.shape == (2,) + SHAPE and torch.isfinite(out).all()
+
+
+def test_w_embedding_matches_diffusers():
+    pytest.importorskip("transformers")
+    from diffusers import LatentConsistencyModelPipeline
+
+    from distpp.denoiser import guidance_scale_embedding
+
+    w = torch.tensor([7.5, 1.0, 3.25])
+    for dim in (32, 256, 33):
+        ref = LatentConsistencyModelPipeline.get_guidance_scale_embedding(None, w, embedding_dim=dim)
+        assert torch.allclose(guidance_scale_embedding(w, dim), ref, atol=1e-6, rtol=1e-6)
