@@ -181,3 +181,31 @@ class UNetDenoiser:
             added = {"text_embeds": cond.text_embeds, "time_ids": cond.time_ids}
         return self.unet(x, t, encoder_hidden_states=cond.encoder_hidden_states,
                          timestep_cond=cond.timestep_cond, added_cond_kwargs=added, return_dict=False)[0]
+
+
+class CFGDenoiser:
+    """A Denoiser with classifier-free guidance: one batch-2b forward of ``model`` on [uncond; cond],
+    combined as m_u + scale * (m_c - m_u). For students that are run with CFG on request (ALGORITHM.md:
+    distilled students run without CFG by default). It concatenates its inputs each call, so unlike the
+    default path it allocates per step; the teacher's CFG does not go through it (the sampler stacks
+    the teacher's batch once per call and fuses the combine).
+
+    uncond: the negative conditioning, 1 row (shared) or b rows.
+    """
+
+    def __init__(self, model, scale: float, uncond: Cond):
+        from .config import check_cfg
+
+        self.model, self.scale = model, check_cfg(scale)
+        self.uncond = uncond
+        self.spec = getattr(model, "spec", None)
+
+    def prepare(self, cond: Cond) -> Cond:
+        return prepare_cond(self.model, cond)
+
+    def __call__(self, x: torch.Tensor, t: torch.Tensor, cond: Cond) -> torch.Tensor:
+        b = x.shape[0]
+        unc = prepare_cond(self.model, self.uncond.expand(b).to(x.device, cond.encoder_hidden_states.dtype))
+        out = self.model(torch.cat([x, x]), torch.cat([t, t]), Cond.cat(unc, cond))
+        mu, mc = out[:b], out[b:]
+        return torch.lerp(mu, mc, self.scale) if self.scale != 1.0 else mc
