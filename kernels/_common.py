@@ -29,9 +29,21 @@ def check_latent(name: str, t: torch.Tensor, like: torch.Tensor, batch: int | No
 def check_table(name: str, t: torch.Tensor, like: torch.Tensor, ncols: int) -> None:
     from distpp.errors import InputError
 
+    if not isinstance(t, torch.Tensor):
+        raise InputError(f"{name} must be a float32 torch.Tensor table [..., {ncols}], got {type(t).__name__}")
     if t.dtype != torch.float32 or t.device != like.device or t.shape[-1] != ncols or not t.is_contiguous():
         raise InputError(f"{name} must be a contiguous float32 table [..., {ncols}] on {like.device}, "
                          f"got {tuple(t.shape)} {t.dtype} on {t.device}")
+
+
+def check_gcoef(gcoef: torch.Tensor, like: torch.Tensor, ncols: int) -> None:
+    """gcoef must be a contiguous float32 [G, B, ncols] table with B = the latents' batch."""
+    from distpp.errors import InputError
+
+    check_table("gcoef", gcoef, like, ncols)
+    if gcoef.dim() != 3 or gcoef.shape[1] != like.shape[0]:
+        raise InputError(f"gcoef must be [G, {like.shape[0]}, {ncols}] (one row per sample), "
+                         f"got {tuple(gcoef.shape)}")
 
 
 def check_step(k: int, table: torch.Tensor, name: str) -> None:
@@ -44,3 +56,17 @@ def check_step(k: int, table: torch.Tensor, name: str) -> None:
 def bcast(v: torch.Tensor, ndim: int) -> torch.Tensor:
     """A per-sample [B] vector viewed for broadcasting against a [B, ...] latent."""
     return v.view((v.shape[0],) + (1,) * (ndim - 1))
+
+
+def launch_block(per_sample: int) -> int:
+    """Elements per Triton program: 1024 (4 warps x 32 lanes x 8 elements, i.e. two 16-byte fp32
+    accesses per lane) for real latents; for tiny ones the smallest power of two >= per_sample, so an
+    8x8 test latent is one program instead of 1024 mostly masked lanes (the interpreter's cost is per
+    lane)."""
+    if per_sample >= 1024:
+        return 1024
+    return max(16, 1 << (int(per_sample) - 1).bit_length())
+
+
+def triton_cdiv(a: int, b: int) -> int:
+    return -(-int(a) // int(b))

@@ -12,12 +12,14 @@ one pass over the latent; also writes the next model input.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from distpp.schedules import (COL_CIN_NEXT, COL_PM, COL_PX, COL_QM, COL_QX, GCOL_A, GCOL_S, GCOL_TPM,
                               GCOL_TPX, NUM_COLS, NUM_GCOLS)
 
-from ._common import bcast, check_latent, check_step, check_table
+from ._common import bcast, check_gcoef, check_latent, check_step, check_table, launch_block, triton_cdiv
 from .plain_update import native_next
 
 
@@ -34,12 +36,13 @@ def check_guided_update(x, m_s, n, m_t, z, coef, gcoef, lam, cfg, k, x_out, xin_
     if xin_out is not None:
         check_latent("xin_out", xin_out, x)
     check_table("coef", coef, x, NUM_COLS)
-    check_table("gcoef", gcoef, x, NUM_GCOLS)
+    check_gcoef(gcoef, x, NUM_GCOLS)
     check_step(k, coef, "coef")
     check_step(k, gcoef, "gcoef")
     for name, v in (("lam", lam), ("cfg", cfg)):
-        if v.dtype != torch.float32 or v.device != x.device or tuple(v.shape) != (x.shape[0],):
-            raise InputError(f"{name} must be a float32 [{x.shape[0]}] tensor on {x.device}, "
+        if v.dtype != torch.float32 or v.device != x.device or tuple(v.shape) != (x.shape[0],) \
+                or not v.is_contiguous():
+            raise InputError(f"{name} must be a contiguous float32 [{x.shape[0]}] tensor on {x.device}, "
                              f"got {tuple(v.shape)} {v.dtype} on {v.device}")
 
 
@@ -70,9 +73,58 @@ def guided_update_ref(x: torch.Tensor, m_s: torch.Tensor, n: torch.Tensor, m_t: 
     return x_out
 
 
-def guided_update(x, m_s, n, m_t, z, coef, gcoef, lam, cfg, k, x_out, xin_out):
-    """Triton launcher (CUDA tensors); same contract as :func:`guided_update_ref`."""
-    from ._triton import launch_guided_update
+@functools.cache
+def _kernel():
+    """The jitted Triton kernel, built on first use so that importing distpp.kernels never imports triton.
 
+    ``tl`` is bound as a module global (not a closure variable) because triton < 3.3 resolves the names
+    a kernel uses from its module's globals only.
+    """
+    global tl
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def _guided_update_kernel(x_ptr, m_ptr, n_ptr, mt_ptr, z_ptr, c_ptr, g_ptr, lam_ptr, cfg_ptr, xo_ptr, xin_ptr,
+                              per_sample, half_numel, HAS_Z: tl.constexpr, HAS_XIN: tl.constexpr,
+                              BLOCK: tl.constexpr):
+        # Grid (blocks per sample, B). c_ptr: row k of coef (PX, PM, QX, QM, A, B, C, CIN_NEXT = 0..7);
+        # g_ptr: gcoef[k] [B, 4] (A_S, S_S, TPX, TPM); m_t rows: uncond b, cond B + b.
+        b = tl.program_id(1).to(tl.int64)
+        j = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        mask = j < per_sample
+        offs = b * per_sample + j
+        x = tl.load(x_ptr + offs, mask=mask)
+        m = tl.load(m_ptr + offs, mask=mask).to(tl.float32)
+        n = tl.load(n_ptr + offs, mask=mask)
+        mu = tl.load(mt_ptr + offs, mask=mask).to(tl.float32)
+        mc = tl.load(mt_ptr + half_numel + offs, mask=mask).to(tl.float32)
+        x0 = tl.load(c_ptr + 0) * x + tl.load(c_ptr + 1) * m
+        e = tl.load(c_ptr + 2) * x + tl.load(c_ptr + 3) * m
+        xs = tl.load(g_ptr + 4 * b + 0) * x0 + tl.load(g_ptr + 4 * b + 1) * n
+        m_teacher = mu + tl.load(cfg_ptr + b) * (mc - mu)
+        x0_teacher = tl.load(g_ptr + 4 * b + 2) * xs + tl.load(g_ptr + 4 * b + 3) * m_teacher
+        x0 = x0 + tl.load(lam_ptr + b) * (x0_teacher - x0)
+        nxt = tl.load(c_ptr + 4) * x0 + tl.load(c_ptr + 5) * e
+        if HAS_Z:
+            nxt += tl.load(c_ptr + 6) * tl.load(z_ptr + offs, mask=mask)
+        tl.store(xo_ptr + offs, nxt, mask=mask)
+        if HAS_XIN:
+            xin = tl.load(c_ptr + 7) * nxt
+            tl.store(xin_ptr + offs, xin.to(xin_ptr.dtype.element_ty, fp_downcast_rounding="rtne"), mask=mask)
+
+    return _guided_update_kernel
+
+
+def guided_update(x, m_s, n, m_t, z, coef, gcoef, lam, cfg, k, x_out, xin_out):
+    """Triton launcher (CUDA tensors, or CPU under TRITON_INTERPRET=1); same contract as
+    :func:`guided_update_ref`. One launch; lam and cfg are read on the device (no host sync)."""
     check_guided_update(x, m_s, n, m_t, z, coef, gcoef, lam, cfg, k, x_out, xin_out)
-    return launch_guided_update(x, m_s, n, m_t, z, coef, gcoef, lam, cfg, k, x_out, xin_out)
+    B = x.shape[0]
+    per = x.numel() // B
+    block = launch_block(per)
+    _kernel()[(triton_cdiv(per, block), B)](
+        x, m_s, n, m_t, x if z is None else z, coef[k], gcoef[k], lam, cfg, x_out,
+        x_out if xin_out is None else xin_out, per, x.numel(),
+        HAS_Z=z is not None, HAS_XIN=xin_out is not None, BLOCK=block)
+    return x_out

@@ -9,11 +9,13 @@ family's native update; also writes the next model input.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from distpp.schedules import COL_A, COL_B, COL_C, COL_CIN_NEXT, COL_PM, COL_PX, COL_QM, COL_QX, NUM_COLS
 
-from ._common import check_latent, check_step, check_table
+from ._common import check_latent, check_step, check_table, launch_block, triton_cdiv
 
 
 def check_plain_update(x, m_s, z, coef, k, x_out, xin_out) -> None:
@@ -55,9 +57,49 @@ def plain_update_ref(x: torch.Tensor, m_s: torch.Tensor, z: torch.Tensor | None,
     return x_out
 
 
-def plain_update(x, m_s, z, coef, k, x_out, xin_out):
-    """Triton launcher (CUDA tensors); same contract as :func:`plain_update_ref`."""
-    from ._triton import launch_plain_update
+@functools.cache
+def _kernel():
+    """The jitted Triton kernel, built on first use so that importing distpp.kernels never imports triton.
 
+    ``tl`` is bound as a module global (not a closure variable) because triton < 3.3 resolves the names
+    a kernel uses from its module's globals only.
+    """
+    global tl
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def _plain_update_kernel(x_ptr, m_ptr, z_ptr, c_ptr, xo_ptr, xin_ptr, per_sample,
+                             HAS_Z: tl.constexpr, HAS_XIN: tl.constexpr, BLOCK: tl.constexpr):
+        # Grid (blocks per sample, B). c_ptr points at row k of coef; columns as in distpp.schedules
+        # (PX, PM, QX, QM, A, B, C, CIN_NEXT = 0..7).
+        b = tl.program_id(1).to(tl.int64)
+        j = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        mask = j < per_sample
+        offs = b * per_sample + j
+        x = tl.load(x_ptr + offs, mask=mask)
+        m = tl.load(m_ptr + offs, mask=mask).to(tl.float32)
+        x0 = tl.load(c_ptr + 0) * x + tl.load(c_ptr + 1) * m
+        e = tl.load(c_ptr + 2) * x + tl.load(c_ptr + 3) * m
+        nxt = tl.load(c_ptr + 4) * x0 + tl.load(c_ptr + 5) * e
+        if HAS_Z:
+            nxt += tl.load(c_ptr + 6) * tl.load(z_ptr + offs, mask=mask)
+        tl.store(xo_ptr + offs, nxt, mask=mask)
+        if HAS_XIN:
+            xin = tl.load(c_ptr + 7) * nxt
+            tl.store(xin_ptr + offs, xin.to(xin_ptr.dtype.element_ty, fp_downcast_rounding="rtne"), mask=mask)
+
+    return _plain_update_kernel
+
+
+def plain_update(x, m_s, z, coef, k, x_out, xin_out):
+    """Triton launcher (CUDA tensors, or CPU under TRITON_INTERPRET=1); same contract as
+    :func:`plain_update_ref`. One launch; no host sync."""
     check_plain_update(x, m_s, z, coef, k, x_out, xin_out)
-    return launch_plain_update(x, m_s, z, coef, k, x_out, xin_out)
+    B = x.shape[0]
+    per = x.numel() // B
+    block = launch_block(per)
+    _kernel()[(triton_cdiv(per, block), B)](
+        x, m_s, x if z is None else z, coef[k], x_out, x_out if xin_out is None else xin_out, per,
+        HAS_Z=z is not None, HAS_XIN=xin_out is not None, BLOCK=block)
+    return x_out

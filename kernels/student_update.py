@@ -8,11 +8,13 @@ both halves of the teacher's batch-2B input buffer.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from distpp.schedules import COL_PM, COL_PX, GCOL_A, GCOL_S, NUM_COLS, NUM_GCOLS
 
-from ._common import bcast, check_latent, check_step, check_table
+from ._common import bcast, check_gcoef, check_latent, check_step, check_table, launch_block, triton_cdiv
 
 
 def check_student_update(x, m_s, n, coef, gcoef, k, out) -> None:
@@ -21,13 +23,9 @@ def check_student_update(x, m_s, n, coef, gcoef, k, out) -> None:
     check_latent("n", n, x, dtypes=(torch.float32,))
     check_latent("out", out, x, batch=2 * x.shape[0])
     check_table("coef", coef, x, NUM_COLS)
-    check_table("gcoef", gcoef, x, NUM_GCOLS)
+    check_gcoef(gcoef, x, NUM_GCOLS)
     check_step(k, coef, "coef")
     check_step(k, gcoef, "gcoef")
-    if gcoef.shape[1] != x.shape[0]:
-        from distpp.errors import InputError
-
-        raise InputError(f"gcoef has {gcoef.shape[1]} samples per step; the latents have {x.shape[0]}")
 
 
 def student_update_ref(x: torch.Tensor, m_s: torch.Tensor, n: torch.Tensor, coef: torch.Tensor,
@@ -47,9 +45,44 @@ def student_update_ref(x: torch.Tensor, m_s: torch.Tensor, n: torch.Tensor, coef
     return out
 
 
-def student_update(x, m_s, n, coef, gcoef, k, out):
-    """Triton launcher (CUDA tensors); same contract as :func:`student_update_ref`."""
-    from ._triton import launch_student_update
+@functools.cache
+def _kernel():
+    """The jitted Triton kernel, built on first use so that importing distpp.kernels never imports triton.
 
+    ``tl`` is bound as a module global (not a closure variable) because triton < 3.3 resolves the names
+    a kernel uses from its module's globals only.
+    """
+    global tl
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def _student_update_kernel(x_ptr, m_ptr, n_ptr, c_ptr, g_ptr, out_ptr, per_sample, half_numel,
+                               BLOCK: tl.constexpr):
+        # Grid (blocks per sample, B). c_ptr: row k of coef (PX, PM at columns 0, 1); g_ptr: gcoef[k]
+        # [B, 4] (A_S, S_S at columns 0, 1). out is [2B, ...]: the same x_s goes to rows b and B + b.
+        b = tl.program_id(1).to(tl.int64)
+        j = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        mask = j < per_sample
+        offs = b * per_sample + j
+        x = tl.load(x_ptr + offs, mask=mask)
+        m = tl.load(m_ptr + offs, mask=mask).to(tl.float32)
+        n = tl.load(n_ptr + offs, mask=mask)
+        x0 = tl.load(c_ptr + 0) * x + tl.load(c_ptr + 1) * m
+        xs = (tl.load(g_ptr + 4 * b + 0) * x0 + tl.load(g_ptr + 4 * b + 1) * n).to(out_ptr.dtype.element_ty,
+                                                                               fp_downcast_rounding="rtne")
+        tl.store(out_ptr + offs, xs, mask=mask)
+        tl.store(out_ptr + half_numel + offs, xs, mask=mask)
+
+    return _student_update_kernel
+
+
+def student_update(x, m_s, n, coef, gcoef, k, out):
+    """Triton launcher (CUDA tensors, or CPU under TRITON_INTERPRET=1); same contract as
+    :func:`student_update_ref`. One launch; no host sync."""
     check_student_update(x, m_s, n, coef, gcoef, k, out)
-    return launch_student_update(x, m_s, n, coef, gcoef, k, out)
+    B = x.shape[0]
+    per = x.numel() // B
+    block = launch_block(per)
+    _kernel()[(triton_cdiv(per, block), B)](x, m_s, n, coef[k], gcoef[k], out, per, x.numel(), BLOCK=block)
+    return out
