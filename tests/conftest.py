@@ -28,3 +28,17 @@ def tiny_pair():
     from distpp.presets import build_preset
 
     return build_preset("tiny")
+
+
+@pytest.fixture(scope="session")
+def tiny_onnx(tmp_path_factory, tiny_pair):
+    """The tiny preset's student and teacher exported once (legacy exporter, fp32) into a session cache:
+    {"cache": ArtifactCache, "student": Path, "teacher": Path}."""
+    pytest.importorskip("onnxruntime")
+    from distpp.cache import ArtifactCache
+    from distpp.export import cached_export
+
+    cache = ArtifactCache(tmp_path_factory.mktemp("onnx_cache"))
+    hw, tokens = tuple(tiny_pair.info.latent_shape[1:]), tiny_pair.info.tokens
+    return {"cache": cache, **{r: cached_export(getattr(tiny_pair, r), latent_hw=hw, tokens=tokens, cache=cache)
+                               for r in ("student", "teacher")}}

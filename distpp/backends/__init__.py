@@ -1,0 +1,124 @@
+"""Backend registry: how a UNet runs (eager PyTorch, ONNX Runtime, TensorRT, ...), behind one
+Denoiser interface, so the sampler never branches on the backend.
+
+A backend is a module with ``is_available() -> bool``, ``EXTRA`` (the pip extra that provides it, or
+None) and ``make_denoiser(base: UNetDenoiser, *, role, shapes, tokens, cache, ...) -> Denoiser``. Modules
+are imported only when a backend is asked for, so heavy dependencies load lazily.
+
+``resolve_backend("auto", device)`` picks TensorRT on a CUDA device when it is installed and falls back
+to eager with a warning otherwise; an explicitly named backend that cannot run raises
+BackendUnavailableError naming the extra to install.
+"""
+
+from __future__ import annotations
+
+import importlib
+import time
+import warnings
+from types import ModuleType
+
+import torch
+
+from ..errors import BackendUnavailableError, ConfigError
+from .plan import ShapeRange
+
+# name -> (module path, pip extra that provides it)
+_REGISTRY: dict[str, tuple[str, str | None]] = {
+    "eager": ("distpp.backends.eager", None),
+    "onnxruntime": ("distpp.backends.onnxruntime", "onnx"),
+    "tensorrt": ("distpp.backends.tensorrt", "tensorrt"),
+    "compile": ("distpp.backends.compile", None),
+}
+# What "auto" prefers per device type, best first (eager always runs).
+_AUTO = {"cuda": ("tensorrt", "eager"), "cpu": ("eager",)}
+
+
+def register_backend(name: str, module: str, extra: str | None = None) -> None:
+    """Register backend ``name`` implemented by the importable ``module`` (installed with ``extra``)."""
+    _REGISTRY[name] = (module, extra)
+
+
+def backend_names() -> tuple[str, ...]:
+    return tuple(_REGISTRY)
+
+
+def get_backend(name: str) -> ModuleType:
+    """The module of backend ``name``; raises ConfigError for unknown names and BackendUnavailableError
+    (naming the extra to install) when it cannot run here."""
+    if name not in _REGISTRY:
+        raise ConfigError(f"unknown backend {name!r}; pass one of {', '.join(_REGISTRY)} or 'auto'")
+    path, extra = _REGISTRY[name]
+    try:
+        mod = importlib.import_module(path)
+    except ImportError as e:
+        raise BackendUnavailableError(f"backend {name!r} could not be imported ({e}); "
+                                      f"pip install 'distpp[{extra}]'" if extra else str(e)) from e
+    if not mod.is_available():
+        hint = f"pip install 'distpp[{extra}]'" if extra else "see its module docstring"
+        gpu = " and a CUDA GPU" if name == "tensorrt" else ""
+        raise BackendUnavailableError(f"backend {name!r} is not available here: it needs the {extra!r} extra{gpu} "
+                                      f"({hint}); or pass backend='eager'")
+    return mod
+
+
+def is_available(name: str) -> bool:
+    try:
+        get_backend(name)
+        return True
+    except BackendUnavailableError:
+        return False
+
+
+def resolve_backend(name: str = "auto", device: torch.device | str = "cpu") -> str:
+    """The backend to use: ``name`` itself (checked), or for "auto" the best one available on
+    ``device``'s type, warning when a preferred one is missing."""
+    if name != "auto":
+        get_backend(name)
+        return name
+    prefs = _AUTO.get(torch.device(device).type, ("eager",))
+    for cand in prefs:
+        if is_available(cand):
+            if cand != prefs[0]:
+                _, extra = _REGISTRY[prefs[0]]
+                warnings.warn(f"distpp: backend {prefs[0]!r} is not available (pip install 'distpp[{extra}]'); "
+                              f"falling back to {cand!r}", stacklevel=2)
+            return cand
+    return "eager"
+
+
+def make_denoiser(backend: str, base, **kw):
+    """A Denoiser for the eager UNetDenoiser ``base`` on ``backend`` (see each module's make_denoiser)."""
+    return get_backend(resolve_backend(backend, kw.get("device") or base.spec.device or "cpu")).make_denoiser(base, **kw)
+
+
+def make_pair(pair, backend: str = "auto", *, batch: tuple[int, int, int] | int | None = None,
+              resolutions: tuple[tuple[int, int], ...] | None = None, cache=None, export=None, engine=None,
+              **kw):
+    """(student, teacher, timings) of a distpp.presets.ModelPair on ``backend``.
+
+    batch:       sample batch B served: an int or (min, opt, max) (default (1, 1, 4)); the teacher's
+                 profile covers 2B rows (its CFG input).
+    resolutions: latent (H, W) sizes (default: the preset's latent size).
+    export:      distpp.export.ExportConfig; engine: tensorrt.EngineConfig; cache: ArtifactCache.
+    timings:     {"backend": resolved name, "export_s": seconds exporting (or loading) ONNX, "build_s":
+                 seconds building (or loading) engines and sessions}, to report apart from sampling.
+    """
+    name = resolve_backend(backend, pair.device)
+    b = (batch, batch, batch) if isinstance(batch, int) else (batch or (1, 1, 4))
+    shapes = ShapeRange(batch=b, resolutions=resolutions or (tuple(pair.info.latent_shape[1:]),))
+    mod = get_backend(name)
+    timings = {"backend": name, "export_s": 0.0, "build_s": 0.0}
+    out = []
+    for role in ("student", "teacher"):
+        before = timings["export_s"] + timings["build_s"]
+        t0 = time.perf_counter()
+        out.append(mod.make_denoiser(getattr(pair, role), role=role, shapes=shapes, tokens=pair.info.tokens,
+                                     cache=cache, export=export, engine=engine, device=pair.device,
+                                     timings=timings, **kw))
+        if timings["export_s"] + timings["build_s"] == before:  # a backend that does not split its time
+            timings["build_s"] += time.perf_counter() - t0
+    return out[0], out[1], timings
+
+
+__all__ = ["ShapeRange", "register_backend", "backend_names", "get_backend", "is_available", "resolve_backend",
+           "make_denoiser", "make_pair"]

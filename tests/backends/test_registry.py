@@ -1,0 +1,50 @@
+"""Backend registry: explicit requests raise with the extra to install, "auto" falls back with a warning."""
+
+import warnings
+
+import pytest
+
+from distpp import BackendUnavailableError, ConfigError
+from distpp import backends
+
+
+def test_names_and_availability_here():
+    assert {"eager", "onnxruntime", "tensorrt"} <= set(backends.backend_names())
+    assert backends.is_available("eager") and backends.is_available("onnxruntime")
+    assert not backends.is_available("tensorrt")  # not installable on any machine distpp is developed on
+
+
+def test_explicit_unavailable_backend_names_the_extra():
+    with pytest.raises(BackendUnavailableError, match=r"distpp\[tensorrt\]"):
+        backends.get_backend("tensorrt")
+    with pytest.raises(BackendUnavailableError, match=r"distpp\[tensorrt\]"):
+        backends.resolve_backend("tensorrt", "cuda")
+    with pytest.raises(ConfigError, match="unknown backend 'tvm'"):
+        backends.get_backend("tvm")
+
+
+def test_tensorrt_entry_points_refuse_cleanly(tiny_pair):
+    from distpp.backends import tensorrt
+
+    with pytest.raises(BackendUnavailableError, match=r"distpp\[tensorrt\]"):
+        tensorrt.make_denoiser(tiny_pair.student)
+    with pytest.raises(BackendUnavailableError):
+        backends.make_pair(tiny_pair, "tensorrt")
+
+
+def test_auto_falls_back_with_a_warning():
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert backends.resolve_backend("auto", "cpu") == "eager"
+    with pytest.warns(UserWarning, match=r"'tensorrt' is not available.*distpp\[tensorrt\].*'eager'"):
+        assert backends.resolve_backend("auto", "cuda") == "eager"
+
+
+def test_register_backend(tiny_pair):
+    backends.register_backend("eager_alias", "distpp.backends.eager")
+    try:
+        s, t, timings = backends.make_pair(tiny_pair, "eager_alias")
+        assert s is tiny_pair.student and t is tiny_pair.teacher
+        assert timings["backend"] == "eager_alias" and timings["export_s"] == 0.0 and timings["build_s"] >= 0.0
+    finally:
+        backends._REGISTRY.pop("eager_alias")
