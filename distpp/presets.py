@@ -11,6 +11,7 @@ A user's models come through :func:`load_pair` (diffusers ``from_pretrained``, l
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -139,13 +140,20 @@ def _to(module, device, dtype):
     return module.to(device=device) if dtype == torch.float32 else module.to(device=device, dtype=dtype)
 
 
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?")
+
+
 def load_unet(path_or_id: str, *, subfolder: str | None = None, device="cpu", dtype=torch.float32):
     """A diffusers UNet from a local folder or a Hub id (clear error when weights are absent offline)."""
     from diffusers import UNet2DConditionModel
 
-    if os.path.sep in str(path_or_id) or str(path_or_id).startswith("."):
-        if not os.path.isdir(path_or_id):
-            raise WeightsNotFoundError(f"no model folder at {path_or_id!r}; pass an existing diffusers folder")
+    path_or_id = str(path_or_id)
+    local = os.path.expanduser(path_or_id)
+    if os.path.isdir(local):
+        path_or_id = local
+    elif not _HUB_ID.fullmatch(path_or_id):  # "org/name" (or "name") is a Hub id; anything else is a path
+        raise WeightsNotFoundError(f"no model folder at {path_or_id!r}; pass an existing diffusers folder "
+                                   f"or a Hub id such as 'org/name'")
     try:
         unet = UNet2DConditionModel.from_pretrained(path_or_id, subfolder=subfolder, torch_dtype=dtype)
     except (OSError, ValueError) as e:

@@ -176,3 +176,30 @@ def test_w_embedding_matches_diffusers():
     for dim in (32, 256, 33):
         ref = LatentConsistencyModelPipeline.get_guidance_scale_embedding(None, w, embedding_dim=dim)
         assert torch.allclose(guidance_scale_embedding(w, dim), ref, atol=1e-6, rtol=1e-6)
+
+
+def test_load_unet_routes_hub_ids_and_paths(monkeypatch, tmp_path):
+    """'org/name' goes to the Hub loader; a missing local path fails before any download attempt."""
+    import diffusers
+
+    from distpp.errors import WeightsNotFoundError
+    from distpp.presets import load_unet
+
+    seen = []
+
+    def fake_from_pretrained(name, **kw):
+        seen.append(name)
+        raise OSError("offline")
+
+    monkeypatch.setattr(diffusers.UNet2DConditionModel, "from_pretrained", fake_from_pretrained)
+    with pytest.raises(WeightsNotFoundError, match="could not load UNet weights from 'org/student'"):
+        load_unet("org/student")
+    with pytest.raises(WeightsNotFoundError, match="no model folder at './missing'"):
+        load_unet("./missing")
+    with pytest.raises(WeightsNotFoundError, match="no model folder"):
+        load_unet(str(tmp_path / "a" / "b"))
+    load_dir = tmp_path / "unet_dir"
+    load_dir.mkdir()
+    with pytest.raises(WeightsNotFoundError):
+        load_unet(str(load_dir))
+    assert seen == ["org/student", str(load_dir)]

@@ -1,0 +1,76 @@
+"""``python -m distpp.generate`` on the tiny offline repos of test_pipeline: PNGs of the right size,
+guided and unguided side by side, a progress bar, and errors as exit code 2."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+
+from distpp.generate import main, parse_args, resolve
+from distpp.pipeline import KNOWN_PAIRS
+from test_pipeline import tiny_repos_for
+
+
+@pytest.fixture(scope="module")
+def repos(tmp_path_factory):
+    return tiny_repos_for(tmp_path_factory)
+
+
+def _png(path):
+    from PIL import Image
+
+    with Image.open(path) as im:
+        return np.asarray(im.convert("RGB"))
+
+
+def test_generate_writes_guided_unguided_and_side_by_side(repos, tmp_path, capsys):
+    out = tmp_path / "out"
+    rc = main(["--prompt", "a cat", "--prompt", "a dog", "--student", repos["sd_lcm"], "--teacher", repos["sd_teacher"],
+               "--family", "lcm", "--steps", "2", "--guided-steps", "1", "--lam", "0.5", "--cfg", "5",
+               "--seed", "7", "--height", "32", "--width", "48", "--out", str(out), "--compare", "--offline"])
+    assert rc == 0
+    names = sorted(os.listdir(out))
+    assert names == ["000_seed7.png", "000_seed7_compare.png", "000_seed7_unguided.png",
+                     "001_seed8.png", "001_seed8_compare.png", "001_seed8_unguided.png"]
+    for stem in ("000_seed7", "001_seed8"):
+        g, u, c = (_png(out / f"{stem}{s}.png") for s in ("", "_unguided", "_compare"))
+        assert g.shape == u.shape == (32, 48, 3) and c.shape == (32, 96, 3)
+        assert np.array_equal(c[:, :48], u) and np.array_equal(c[:, 48:], g)
+        assert np.abs(g.astype(int) - u.astype(int)).max() > 0  # lam 0.5 changes the image
+    err = capsys.readouterr().err
+    assert "student steps" in err and "4/4" in err  # 2 steps x (guided + unguided), one batch
+
+
+def test_generate_matches_the_pipeline(repos, tmp_path):
+    from distpp import Pipeline
+
+    out = tmp_path / "out"
+    args = ["--prompt", "a cat", "--student", repos["sd_lcm"], "--teacher", repos["sd_teacher"], "--family", "lcm",
+            "--steps", "2", "--seed", "3", "--num-images", "2", "--batch-size", "1", "--out", str(out),
+            "--offline", "--no-progress"]
+    assert main(args) == 0
+    pipe = Pipeline.from_pretrained(**resolve(parse_args(args)))
+    ref = pipe(["a cat"], seeds=[4])[0]
+    assert np.array_equal(_png(out / "001_seed4.png"), np.asarray(ref))
+
+
+def test_known_pair_fills_defaults_and_options_override():
+    args = parse_args(["--prompt", "x", "--pair", "sdxl-lightning", "--lam", "0.2"])
+    kw = resolve(args)
+    k = KNOWN_PAIRS["sdxl-lightning"]
+    assert kw["student"] == k.student and kw["teacher"] == k.teacher and kw["family"] == "euler"
+    assert kw["student_weights"] == k.student_weights and kw["lam"] == 0.2 and kw["guided_steps"] == 1
+
+
+def test_generate_errors_exit_2(repos, tmp_path, capsys):
+    base = ["--prompt", "a cat", "--out", str(tmp_path / "o"), "--offline", "--no-progress"]
+    assert main(base + ["--student", repos["sd_lcm"], "--teacher", repos["sd_teacher"], "--family", "lcm9"]) == 2
+    assert "unknown family 'lcm9'" in capsys.readouterr().err
+    assert main(base + ["--student", repos["sd_lcm"], "--family", "lcm"]) == 2
+    assert "--teacher" in capsys.readouterr().err
+    missing = str(tmp_path / "missing")
+    assert main(base + ["--student", missing, "--teacher", repos["sd_teacher"], "--family", "lcm"]) == 2
+    assert "no model folder" in capsys.readouterr().err
+    assert not os.path.exists(tmp_path / "o")

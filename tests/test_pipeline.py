@@ -1,0 +1,383 @@
+"""distpp.Pipeline on tiny random-weight models saved like diffusers repos and loaded through
+from_pretrained (offline): SD1.5-style and SDXL-style conditioning, LoRA / UNet-file / pipeline
+students, seed pairing, the prompt cache, and errors raised before any weights load."""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import shutil
+
+import pytest
+import torch
+
+from distpp import ConfigError, InputError, Pipeline, WeightsNotFoundError
+from distpp.presets import _TINY, _TINY_XL
+from helpers import assert_close, rel_err
+
+VOCAB_MAX_LEN = 8
+_REPOS: dict[str, str] = {}
+
+
+# ------------------------------------------------------------------------------------------------------
+# Tiny repos (built once per session).
+# ------------------------------------------------------------------------------------------------------
+def _byte_chars() -> list[str]:
+    """CLIP's byte-to-unicode table: the 256 symbols a byte-level BPE vocabulary must hold."""
+    bs = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    cs, n = bs[:], 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return [chr(c) for c in cs]
+
+
+def _save_tokenizer(folder: str) -> int:
+    """A CLIPTokenizer with a tiny vocabulary (bytes, bytes + </w>, 'cat', specials); returns its size."""
+    from transformers import CLIPTokenizer
+
+    chars = _byte_chars()
+    vocab = chars + [c + "</w>" for c in chars] + ["ca", "cat</w>", "<|startoftext|>", "<|endoftext|>"]
+    src = folder + "_src"
+    os.makedirs(src, exist_ok=True)
+    with open(os.path.join(src, "vocab.json"), "w") as f:
+        json.dump({t: i for i, t in enumerate(vocab)}, f)
+    with open(os.path.join(src, "merges.txt"), "w") as f:
+        f.write("#version: 0.2\nc a\nca t</w>\n")
+    tok = CLIPTokenizer(os.path.join(src, "vocab.json"), os.path.join(src, "merges.txt"),
+                        model_max_length=VOCAB_MAX_LEN)
+    tok.save_pretrained(folder)
+    shutil.rmtree(src)
+    return len(vocab)
+
+
+def _text_encoder(hidden: int, projection: int | None, vocab: int, seed: int):
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    torch.manual_seed(seed)
+    cfg = CLIPTextConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2,
+                         num_attention_heads=2, max_position_embeddings=VOCAB_MAX_LEN,
+                         projection_dim=projection or hidden,
+                         bos_token_id=vocab - 2, eos_token_id=vocab - 1, pad_token_id=vocab - 1)
+    return (CLIPTextModelWithProjection if projection else CLIPTextModel)(cfg).eval()
+
+
+def _unet(config: dict, seed: int, **over):
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(seed)
+    return UNet2DConditionModel(**dict(config, **over)).eval()
+
+
+def _vae(seed: int):
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(seed)
+    return AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
+                         up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 16), latent_channels=4,
+                         norm_num_groups=8, layers_per_block=1, sample_size=32).eval()
+
+
+def _save_teacher(root: str, xl: bool) -> None:
+    from diffusers import DDPMScheduler
+
+    os.makedirs(root)
+    vocab = _save_tokenizer(os.path.join(root, "tokenizer"))
+    index = {"_class_name": "StableDiffusionXLPipeline" if xl else "StableDiffusionPipeline",
+             "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"],
+             "text_encoder": ["transformers", "CLIPTextModel"], "tokenizer": ["transformers", "CLIPTokenizer"],
+             "scheduler": ["diffusers", "DDPMScheduler"]}
+    if xl:
+        _save_tokenizer(os.path.join(root, "tokenizer_2"))
+        index.update(text_encoder_2=["transformers", "CLIPTextModelWithProjection"],
+                     tokenizer_2=["transformers", "CLIPTokenizer"], force_zeros_for_empty_prompt=True)
+        # SDXL: states = [enc1 16 | enc2 16] = 32 = cross_attention_dim; pooled = enc2 projection 32.
+        _text_encoder(16, None, vocab, 11).save_pretrained(os.path.join(root, "text_encoder"))
+        _text_encoder(16, 32, vocab, 12).save_pretrained(os.path.join(root, "text_encoder_2"))
+    else:
+        _text_encoder(32, None, vocab, 11).save_pretrained(os.path.join(root, "text_encoder"))
+    with open(os.path.join(root, "model_index.json"), "w") as f:
+        json.dump(index, f)
+    _unet(_TINY_XL if xl else _TINY, 2).save_pretrained(os.path.join(root, "unet"))
+    _vae(3).save_pretrained(os.path.join(root, "vae"))
+    DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear").save_pretrained(
+        os.path.join(root, "scheduler"))
+
+
+def _save_config_only(folder: str, config: dict) -> None:
+    """A UNet folder with config.json and no weights: errors must come before any weights load."""
+    os.makedirs(folder)
+    cfg = dict(_unet(config, 0).config)
+    with open(os.path.join(folder, "config.json"), "w") as f:
+        json.dump(dict(cfg, _class_name="UNet2DConditionModel"), f)
+
+
+def _save_lora(teacher_unet_dir: str, path: str) -> None:
+    """A UNet LoRA with random (non-zero) A and B, keys prefixed ``unet.`` as diffusers pipelines save."""
+    from diffusers import UNet2DConditionModel
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+    from safetensors.torch import save_file
+
+    unet = UNet2DConditionModel.from_pretrained(teacher_unet_dir)
+    torch.manual_seed(7)
+    unet.add_adapter(LoraConfig(r=4, lora_alpha=4, init_lora_weights=False,
+                                target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
+    sd = get_peft_model_state_dict(unet)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    save_file({f"unet.{k}": v.contiguous() for k, v in sd.items()}, path)
+
+
+def build_tiny_repos(root: str) -> dict[str, str]:
+    """Write every tiny repo the pipeline tests load; returns name -> folder."""
+    from safetensors.torch import save_file
+
+    r = {n: os.path.join(root, n) for n in (
+        "sd_teacher", "sd_lcm", "sd_file", "xl_teacher", "xl_lcm", "xl_turbo", "bad_channels", "bad_width",
+        "lora")}
+    _save_teacher(r["sd_teacher"], xl=False)
+    _save_teacher(r["xl_teacher"], xl=True)
+    _unet(_TINY, 21, time_cond_proj_dim=32).save_pretrained(r["sd_lcm"])
+    _unet(_TINY_XL, 22, time_cond_proj_dim=32).save_pretrained(r["xl_lcm"])
+    os.makedirs(r["sd_file"])
+    save_file(_unet(_TINY, 23).state_dict(), os.path.join(r["sd_file"], "student_4step_unet.safetensors"))
+    # A full student pipeline (Turbo-style): the teacher's encoders and VAE, its own UNet.
+    shutil.copytree(r["xl_teacher"], r["xl_turbo"])
+    shutil.rmtree(os.path.join(r["xl_turbo"], "unet"))
+    _unet(_TINY_XL, 24).save_pretrained(os.path.join(r["xl_turbo"], "unet"))
+    _save_config_only(r["bad_channels"], dict(_TINY, in_channels=8, out_channels=8))
+    _save_config_only(r["bad_width"], dict(_TINY, cross_attention_dim=16))
+    if _has_peft():
+        _save_lora(os.path.join(r["sd_teacher"], "unet"), os.path.join(r["lora"], "pytorch_lora_weights.safetensors"))
+    return r
+
+
+def _has_peft() -> bool:
+    try:
+        import peft  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def tiny_repos_for(tmp_path_factory) -> dict[str, str]:
+    """The session's tiny repos, built on first use (shared with test_generate)."""
+    if not _REPOS:
+        _REPOS.update(build_tiny_repos(str(tmp_path_factory.mktemp("tiny_repos"))))
+    return _REPOS
+
+
+@pytest.fixture(scope="session")
+def repos(tmp_path_factory):
+    return tiny_repos_for(tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def sd_pipe(repos):
+    return Pipeline.from_pretrained(student=repos["sd_lcm"], teacher=repos["sd_teacher"], family="lcm",
+                                    local_files_only=True, lam=0.3, guided_steps=1, steps=2)
+
+
+@pytest.fixture(scope="module")
+def xl_pipe(repos):
+    return Pipeline.from_pretrained(student=repos["xl_lcm"], teacher=repos["xl_teacher"], family="lcm",
+                                    local_files_only=True, lam=0.3, guided_steps=1, steps=2)
+
+
+# ------------------------------------------------------------------------------------------------------
+# Images and conditioning.
+# ------------------------------------------------------------------------------------------------------
+def test_sd15_style_images_have_the_requested_size(sd_pipe):
+    assert sd_pipe.report.student_kind == "unet" and not sd_pipe.report.sdxl
+    assert sd_pipe.teacher_text is None and sd_pipe.report.shared_text_encoders
+    images = sd_pipe(["a cat", "a dog on a mat"], height=32, width=48, seeds=[3, 4])
+    assert [im.size for im in images] == [(48, 32), (48, 32)]
+    assert all(im.mode == "RGB" for im in images)
+    pt = sd_pipe(["a cat"], output_type="pt", seeds=[3])
+    assert pt.shape == (1, 3, 32, 32) and pt.dtype == torch.float32
+    assert torch.isfinite(pt).all() and pt.min() >= 0 and pt.max() <= 1 and pt.std() > 0
+
+
+def test_sdxl_style_images_and_conditioning(xl_pipe):
+    assert xl_pipe.report.sdxl and xl_pipe.student_text.sdxl
+    c = xl_pipe.encode(["a cat", "a mat"], ["", "blurry"], 32, 48)
+    assert c["cond"].encoder_hidden_states.shape == (2, VOCAB_MAX_LEN, 32)
+    assert c["cond"].text_embeds.shape == (2, 32)
+    assert c["cond"].time_ids.tolist() == [[32, 48, 0, 0, 32, 48]] * 2
+    # force_zeros_for_empty_prompt: the empty negative prompt is zeros, the other is encoded.
+    assert float(c["uncond"].encoder_hidden_states[0].abs().max()) == 0.0
+    assert float(c["uncond"].text_embeds[0].abs().max()) == 0.0
+    assert float(c["uncond"].encoder_hidden_states[1].abs().max()) > 0.0
+    images = xl_pipe(["a cat", "a mat"], negative_prompt=["", "blurry"], height=32, width=48, output_type="pt")
+    assert images.shape == (2, 3, 32, 48) and torch.isfinite(images).all()
+
+
+def test_sdxl_states_match_a_direct_encoder_call(xl_pipe):
+    enc = xl_pipe.student_text
+    tok1, tok2 = enc.tokenizers
+    e1, e2 = enc.encoders
+    ids1 = tok1(["a cat"], padding="max_length", max_length=VOCAB_MAX_LEN, return_tensors="pt").input_ids
+    ids2 = tok2(["a cat"], padding="max_length", max_length=VOCAB_MAX_LEN, return_tensors="pt").input_ids
+    with torch.no_grad():
+        o1, o2 = e1(ids1, output_hidden_states=True), e2(ids2, output_hidden_states=True)
+    ref = torch.cat([o1.hidden_states[-2], o2.hidden_states[-2]], dim=-1)
+    states, pooled = enc.encode(["a cat"])
+    assert_close(states, ref, 1e-6, "SDXL states")
+    assert_close(pooled, o2.text_embeds, 1e-6, "pooled")
+
+
+def test_prompts_are_encoded_once_and_cached(sd_pipe):
+    enc = sd_pipe.student_text
+    before = enc.encoder_calls
+    a = enc.encode(["cache me", "also me", "cache me"])[0]
+    assert enc.encoder_calls == before + 1  # one batch for the two unseen prompts
+    b = enc.encode(["also me", "cache me"])[0]
+    assert enc.encoder_calls == before + 1  # served from the cache
+    assert torch.equal(a[1], b[0]) and torch.equal(a[0], b[1]) and torch.equal(a[0], a[2])
+    assert not torch.equal(a[0], a[1])
+
+
+# ------------------------------------------------------------------------------------------------------
+# Seed pairing: guided and unguided runs share the base noise.
+# ------------------------------------------------------------------------------------------------------
+def test_guided_and_unguided_runs_are_seed_paired(sd_pipe):
+    prompts, seeds = ["a cat", "a dog"], [11, 12]
+    plain = sd_pipe(prompts, seeds=seeds, guided_steps=0, output_type="latent")
+    lam0 = sd_pipe(prompts, seeds=seeds, lam=0.0, output_type="latent")
+    guided = sd_pipe(prompts, seeds=seeds, output_type="latent")
+    assert_close(lam0, plain, 1e-6, "lam=0 vs G=0")
+    assert rel_err(guided, plain) > 1e-3
+    c = sd_pipe.encode(prompts, ["", ""], 32, 32)
+    p_plain = sd_pipe.sampler(0).prepare(c["cond"], latent_shape=(4, 16, 16), seeds=seeds)
+    p_guided = sd_pipe.sampler().prepare(c["cond"], uncond=c["uncond"], latent_shape=(4, 16, 16), seeds=seeds)
+    drawn = [k for k, d in enumerate(sd_pipe.sampler().schedule.draws_noise) if d]
+    assert drawn and torch.equal(p_plain.x, p_guided.x)
+    assert all(torch.equal(p_plain.z[k], p_guided.z[k]) for k in drawn)  # rows of other steps are unused
+
+
+def test_seeds_are_per_image(sd_pipe):
+    both = sd_pipe(["a cat", "a dog"], seeds=[5, 6], output_type="latent")
+    second = sd_pipe(["a dog"], seeds=[6], output_type="latent")
+    assert_close(both[1:], second, 1e-4, "batched vs single")
+    assert rel_err(both[0], both[1]) > 0.1
+
+
+# ------------------------------------------------------------------------------------------------------
+# Student kinds and the VAE.
+# ------------------------------------------------------------------------------------------------------
+@pytest.mark.skipif(not _has_peft(), reason="LoRA students need peft")
+def test_lora_student_is_a_fused_copy(repos):
+    from diffusers import StableDiffusionXLPipeline
+
+    pipe = Pipeline.from_pretrained(student=repos["lora"], teacher=repos["sd_teacher"], family="lcm",
+                                    local_files_only=True, steps=2)
+    assert pipe.report.student_kind == "lora" and pipe.report.lora_mode == "fused_copy"
+    s_unet, t_unet = pipe.student.unet, pipe.teacher.unet
+    assert s_unet is not t_unet
+    assert not any("lora" in k for k in list(s_unet.state_dict()) + list(t_unet.state_dict()))
+    # Reference: the teacher with the adapter switched on (unfused).
+    ref_unet = copy.deepcopy(t_unet)
+    lora_file = os.path.join(repos["lora"], "pytorch_lora_weights.safetensors")
+    state, alphas = StableDiffusionXLPipeline.lora_state_dict(lora_file)
+    ref_unet.load_lora_adapter(state, prefix="unet", network_alphas=alphas)
+    g = torch.Generator().manual_seed(0)
+    x, ehs = torch.randn(2, 4, 16, 16, generator=g), torch.randn(2, VOCAB_MAX_LEN, 32, generator=g)
+    t = torch.tensor([999.0, 499.0])
+    with torch.no_grad():
+        fused, adapted, base = (u(x, t, ehs).sample for u in (s_unet, ref_unet, t_unet))
+    assert_close(fused, adapted, 1e-5, "fused LoRA vs adapter")
+    assert rel_err(fused, base) > 1e-3  # the adapter changed the student, not the teacher
+    assert pipe(["a cat"], output_type="pt").shape == (1, 3, 32, 32)
+
+
+def test_unet_file_student(repos):
+    pipe = Pipeline.from_pretrained(student=repos["sd_file"], teacher=repos["sd_teacher"], family="euler",
+                                    student_weights="student_4step_unet.safetensors", local_files_only=True, steps=2)
+    assert pipe.report.student_kind == "unet_file"
+    assert rel_err(pipe.student.unet.conv_in.weight, pipe.teacher.unet.conv_in.weight) > 0.1
+    assert pipe(["a cat"], output_type="pt").shape == (1, 3, 32, 32)
+
+
+def test_pipeline_student_shares_encoders_and_vae(repos):
+    pipe = Pipeline.from_pretrained(student=repos["xl_turbo"], teacher=repos["xl_teacher"], family="euler_a",
+                                    local_files_only=True, steps=1)
+    assert pipe.report.student_kind == "pipeline"
+    assert pipe.report.shared_text_encoders and pipe.teacher_text is None
+    assert pipe.report.vae_source == "teacher"
+    assert pipe(["a cat"], output_type="pt", height=16, width=16).shape == (1, 3, 16, 16)
+
+
+def test_upcast_vae_decodes_in_float32(repos):
+    pipe = Pipeline.from_pretrained(student=repos["sd_lcm"], teacher=repos["sd_teacher"], family="lcm",
+                                    local_files_only=True, dtype=torch.bfloat16, upcast_vae=True, steps=1)
+    assert pipe.report.vae_dtype == torch.float32
+    assert pipe.student.spec.dtype == torch.bfloat16
+    out = pipe(["a cat"], output_type="pt")
+    assert out.dtype == torch.float32 and torch.isfinite(out).all()
+
+
+# ------------------------------------------------------------------------------------------------------
+# Bad input: clear errors before any weights load or any model runs.
+# ------------------------------------------------------------------------------------------------------
+def test_unknown_family_is_refused_before_anything_loads(tmp_path):
+    with pytest.raises(ConfigError, match="unknown family 'lcm2'"):
+        Pipeline.from_pretrained(student=str(tmp_path / "nope"), teacher=str(tmp_path / "nope"), family="lcm2")
+    with pytest.raises(ConfigError, match="student_kind"):
+        Pipeline.from_pretrained(student="a", teacher="b", family="lcm", student_kind="ckpt")
+
+
+def test_missing_local_weights(tmp_path, repos):
+    with pytest.raises(WeightsNotFoundError, match="no model folder"):
+        Pipeline.from_pretrained(student=repos["sd_lcm"], teacher=str(tmp_path / "absent"), family="lcm")
+    with pytest.raises(WeightsNotFoundError, match="no model folder"):
+        Pipeline.from_pretrained(student=str(tmp_path / "absent"), teacher=repos["sd_teacher"], family="lcm")
+
+
+def test_hub_id_not_cached_offline(monkeypatch, repos):
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(WeightsNotFoundError, match="offline"):
+        Pipeline.from_pretrained(student="distpp-test/no-such-student", teacher=repos["sd_teacher"], family="lcm")
+    with pytest.raises(WeightsNotFoundError, match="offline"):
+        Pipeline.from_pretrained(student=repos["sd_lcm"], teacher="distpp-test/no-such-teacher", family="lcm")
+
+
+def test_latent_channel_mismatch(repos):
+    with pytest.raises(ConfigError, match="8 latent channels but the teacher 4"):
+        Pipeline.from_pretrained(student=repos["bad_channels"], teacher=repos["sd_teacher"], family="lcm",
+                                 local_files_only=True)
+
+
+def test_conditioning_width_mismatch(repos):
+    with pytest.raises(ConfigError, match="cross_attention_dim is 16"):
+        Pipeline.from_pretrained(student=repos["bad_width"], teacher=repos["sd_teacher"], family="lcm",
+                                 local_files_only=True)
+    with pytest.raises(ConfigError, match="SD1.5-style and SDXL-style"):
+        Pipeline.from_pretrained(student=repos["xl_lcm"], teacher=repos["sd_teacher"], family="lcm",
+                                 local_files_only=True)
+
+
+def test_bad_call_arguments(sd_pipe):
+    with pytest.raises(InputError, match="no prompts"):
+        sd_pipe([])
+    with pytest.raises(InputError, match="negative_prompt"):
+        sd_pipe(["a", "b"], negative_prompt=["x"])
+    with pytest.raises(InputError, match="multiples of the VAE scale factor 2"):
+        sd_pipe(["a"], height=31)
+    with pytest.raises(ConfigError, match="output_type"):
+        sd_pipe(["a"], output_type="np")
+
+
+@pytest.mark.cuda
+def test_float16_on_cuda_upcasts_the_vae(repos):
+    pipe = Pipeline.from_pretrained(student=repos["sd_lcm"], teacher=repos["sd_teacher"], family="lcm",
+                                    local_files_only=True, device="cuda", steps=2, lam=0.3)
+    assert pipe.student.spec.dtype == torch.float16 and pipe.report.vae_dtype == torch.float32
+    guided = pipe(["a cat", "a dog"], seeds=[1, 2], output_type="pt")
+    plain = pipe(["a cat", "a dog"], seeds=[1, 2], output_type="pt", guided_steps=0)
+    assert guided.shape == (2, 3, 32, 32) and torch.isfinite(guided).all() and guided.is_cuda
+    assert rel_err(guided, plain) > 1e-4
