@@ -64,11 +64,16 @@ class ArtifactCache:
     @contextlib.contextmanager
     def _lock(self, kind: str, key: str):
         d = self.root / kind
-        d.mkdir(parents=True, exist_ok=True)
         lock_path = str(d / f".{key}.lock")
         with _thread_locks_guard:
             tl = _thread_locks.setdefault(lock_path, threading.Lock())
-        with tl, open(lock_path, "a+") as f:
+        try:
+            d.mkdir(parents=True, exist_ok=True)
+            f = open(lock_path, "a+")
+        except OSError as e:
+            raise CacheError(f"cannot write the distpp cache at {d} ({e}); set DISTPP_CACHE or pass "
+                             "ArtifactCache(root=...) to a writable folder") from e
+        with tl, f:
             fcntl.flock(f, fcntl.LOCK_EX)
             try:
                 yield
@@ -123,7 +128,12 @@ class ArtifactCache:
             if folder is not None:
                 return folder
             final = self.path(kind, key)
-            tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{key[:12]}-", dir=final.parent))
+            # Under the key's lock no live builder owns a temp folder of this key: any left is from a
+            # crashed builder (a killed process), and would otherwise stay on disk forever.
+            # The full key and mkdtemp's 8-character suffix make the pattern match this key's folders only.
+            for stale in final.parent.glob(f".tmp-{key}-" + "?" * 8):
+                shutil.rmtree(stale, ignore_errors=True)
+            tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{key}-", dir=final.parent))
             try:
                 build(tmp)
                 files = {p.name: {"size": p.stat().st_size, "sha256": file_sha256(p)}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import operator
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
@@ -54,14 +55,24 @@ class SamplerConfig:
         for name in ("prediction_type", "teacher_prediction_type"):
             if getattr(self, name) not in PREDICTION_TYPES:
                 raise ConfigError(f"unknown {name} {getattr(self, name)!r}; pass one of {', '.join(PREDICTION_TYPES)}")
-        if self.timesteps is not None:
-            object.__setattr__(self, "timesteps", tuple(int(t) for t in self.timesteps))
+        try:  # operator.index: 2.5 steps or "999" is an error, not silently truncated or parsed
+            if self.timesteps is not None:
+                object.__setattr__(self, "timesteps", tuple(operator.index(t) for t in self.timesteps))
+            if self.steps is not None:
+                object.__setattr__(self, "steps", operator.index(self.steps))
+            object.__setattr__(self, "guided_steps", operator.index(self.guided_steps))  # False -> 0: torch sizes
+        except TypeError as e:
+            raise ConfigError(f"steps and guided_steps must be ints and timesteps a sequence of ints (e.g. "
+                              f"(999, 749, 499, 249)), got steps={self.steps!r}, guided_steps={self.guided_steps!r}, "
+                              f"timesteps={self.timesteps!r}") from e
         n = self.num_steps
         if n < 1:
             raise ConfigError(f"steps must be >= 1, got {n}")
         if not isinstance(self.guided_steps, int) or not (0 <= self.guided_steps <= n):
             raise ConfigError(f"guided_steps must be an integer in [0, {n}] (the number of steps), "
                               f"got {self.guided_steps!r}")
+        if self.lam is not None:
+            check_lam(self.lam)  # before resolved_lam's float(), which would raise a raw error on junk
         check_lam(self.resolved_lam)
         check_cfg(self.cfg)
         if self.teacher_rule not in TEACHER_RULES:

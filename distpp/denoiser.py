@@ -64,7 +64,11 @@ class Cond:
         ka, kb = set(a.tensors()), set(b.tensors())
         if ka != kb:
             raise InputError(f"conditionings to stack differ in fields: {sorted(ka)} vs {sorted(kb)}")
-        return Cond(**{k: torch.cat([getattr(a, k), getattr(b, k)]) for k in ka})
+        for k in ka:
+            if getattr(a, k).shape[1:] != getattr(b, k).shape[1:]:
+                raise InputError(f"{k} of the uncond rows is {tuple(getattr(a, k).shape)} but of the cond rows "
+                                 f"{tuple(getattr(b, k).shape)}; encode both with the same tokens and width")
+        return Cond(**{k: torch.cat([getattr(a, k), getattr(b, k).to(getattr(a, k).device)]) for k in ka})
 
 
 @dataclass(frozen=True)
@@ -95,15 +99,19 @@ def prepare_cond(model: Any, cond: Cond) -> Cond:
     return prep(cond) if prep is not None else cond
 
 
-def check_cond(who: str, spec: ModelSpec, cond: Cond, batch: int) -> None:
-    """Raise InputError unless ``cond`` fits ``spec`` with ``batch`` rows."""
+def check_cond(who: str, spec: ModelSpec, cond: Cond, batch: int | None) -> None:
+    """Raise InputError unless ``cond`` fits ``spec`` with ``batch`` rows (None: its own row count)."""
     if not isinstance(cond, Cond):
         raise InputError(f"{who} conditioning must be a distpp.Cond, got {type(cond).__name__}")
     ehs = cond.encoder_hidden_states
     if not isinstance(ehs, torch.Tensor) or ehs.dim() != 3:
         raise InputError(f"{who} encoder_hidden_states must be a [batch, tokens, width] tensor, "
                          f"got {getattr(ehs, 'shape', type(ehs).__name__)}")
+    batch = ehs.shape[0] if batch is None else batch
     for name, v in cond.tensors().items():
+        if not isinstance(v, torch.Tensor) or v.dim() < 1 or v.numel() == 0 or v.device.type == "meta":
+            raise InputError(f"{who} {name} must be a non-empty [batch, ...] tensor holding data (not meta), got "
+                             f"{getattr(v, 'shape', type(v).__name__)}")
         if v.shape[0] != batch:
             raise InputError(f"{who} {name} has batch {v.shape[0]}; expected {batch} (one row per sample)")
         if not v.is_floating_point():

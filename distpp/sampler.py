@@ -7,6 +7,7 @@ math, no syncs, no allocations of its own). The graph runner captures ``run_loop
 
 from __future__ import annotations
 
+import operator
 from dataclasses import dataclass
 from typing import Any, Sequence
 
@@ -67,7 +68,7 @@ def run_loop(student, teacher, ops: FusedOps, schedule: Schedule, plan: Plan, ti
     if timer is not None:
         timer.lap("other")  # what came before the loop (prepare) counts as "other"
     for k in range(N):
-        m_s = student(plan.x_in, plan.t_student[k], plan.cond_s)
+        m_s = _checked("student", student(plan.x_in, plan.t_student[k], plan.cond_s), plan.x)
         if timer is not None:
             timer.lap("student")
         z = plan.z[k] if schedule.draws_noise[k] else None
@@ -76,7 +77,7 @@ def run_loop(student, teacher, ops: FusedOps, schedule: Schedule, plan: Plan, ti
             ops.student_update(plan.x, m_s, plan.n[k], coef, plan.gcoef, k, plan.t_in)
             if timer is not None:
                 timer.lap("guidance")
-            m_t = teacher(plan.t_in, plan.t_teacher[k], plan.cond_t)
+            m_t = _checked("teacher", teacher(plan.t_in, plan.t_teacher[k], plan.cond_t), plan.t_in)
             if timer is not None:
                 timer.lap("teacher")
             ops.guided_update(plan.x, m_s, plan.n[k], m_t, z, coef, plan.gcoef, plan.lam, plan.cfg, k,
@@ -88,6 +89,16 @@ def run_loop(student, teacher, ops: FusedOps, schedule: Schedule, plan: Plan, ti
             if timer is not None:
                 timer.lap("scheduler")
     return plan.x
+
+
+def _checked(who: str, m, like: torch.Tensor) -> torch.Tensor:
+    """``m`` if it is a float prediction shaped like the model input ``like`` (host metadata only, no
+    sync); a wrong shape would otherwise broadcast silently in the torch ops (e.g. [1, C, H, W])."""
+    if not isinstance(m, torch.Tensor) or m.shape != like.shape or not m.is_floating_point():
+        raise InputError(f"the {who} model returned {getattr(m, 'shape', type(m).__name__)} "
+                         f"{getattr(m, 'dtype', '')} for an input of shape {tuple(like.shape)}; a Denoiser must "
+                         "return a float prediction of its input's shape")
+    return m
 
 
 def make_generators(seeds: Sequence[int], device: torch.device | str, offset: int = 0) -> list[torch.Generator]:
@@ -116,7 +127,10 @@ class Sampler:
             raise ConfigError("guided_steps > 0 needs a teacher; pass teacher=... or guided_steps=0")
         self.student, self.teacher = student, teacher
         s_spec, t_spec = spec_of(student), spec_of(teacher)
-        self.device = torch.device(device if device is not None else (s_spec.device or "cpu"))
+        try:
+            self.device = torch.device(device if device is not None else (s_spec.device or "cpu"))
+        except (RuntimeError, TypeError) as e:
+            raise ConfigError(f"device {device!r} is not a torch device ({e}); pass 'cpu' or 'cuda'") from e
         self.dtype = dtype or s_spec.dtype or torch.float32
         self.teacher_dtype = teacher_dtype or t_spec.dtype or self.dtype
         for who, spec, dt in (("student", s_spec, self.dtype), ("teacher", t_spec, self.teacher_dtype)):
@@ -130,9 +144,14 @@ class Sampler:
                 and s_spec.in_channels != t_spec.in_channels:
             raise ConfigError(f"student takes {s_spec.in_channels} latent channels but the teacher "
                               f"{t_spec.in_channels}: they must share a latent space")
-        self.schedule = build_schedule(config.family, config.steps, timesteps=config.timesteps,
-                                       prediction_type=config.prediction_type,
-                                       scheduler_config=config.scheduler_config, device=self.device)
+        try:
+            self.schedule = build_schedule(config.family, config.steps, timesteps=config.timesteps,
+                                           prediction_type=config.prediction_type,
+                                           scheduler_config=config.scheduler_config, device=self.device)
+        except (ValueError, TypeError) as e:  # diffusers' own checks, e.g. LCM steps > original_inference_steps
+            if isinstance(e, ConfigError):
+                raise
+            raise ConfigError(f"the {config.family} scheduler refused this config: {e}") from e
         self.ops = resolve_ops(config.kernel_impl, self.device)
         # Guidance rows for the fixed teacher rules, [N, 4] float32: computed once, indexed per call.
         sch = self.schedule
@@ -176,9 +195,9 @@ class Sampler:
         G, N = cfgs.guided_steps, sch.steps
         if not isinstance(cond, Cond):
             raise InputError(f"cond must be a distpp.Cond, got {type(cond).__name__}")
-        B = cond.batch
         s_spec, t_spec = spec_of(self.student), spec_of(self.teacher)
-        check_cond("student", s_spec, cond, B)
+        check_cond("student", s_spec, cond, None)
+        B = cond.batch
         shape = self._latent_shape(B, latent_shape, noise, s_spec)
         lam_v = _per_sample("lam", cfgs.resolved_lam if lam is None else lam, B, check_lam)
         cfg_v = _per_sample("cfg", cfgs.cfg if cfg is None else cfg, B, check_cfg)
@@ -250,16 +269,23 @@ class Sampler:
     # ------------------------------------------------------------------------------------------------
     def _latent_shape(self, B, latent_shape, noise, spec: ModelSpec) -> tuple[int, ...]:
         if noise is not None:
-            if not isinstance(noise, torch.Tensor) or noise.dim() != 4 or not noise.is_floating_point():
+            if not isinstance(noise, torch.Tensor) or noise.dim() != 4 or not noise.is_floating_point() \
+                    or noise.device.type == "meta":
                 raise InputError(f"noise must be a float [B, C, H, W] tensor, got "
                                  f"{getattr(noise, 'shape', type(noise).__name__)}")
             if noise.shape[0] != B:
                 raise InputError(f"noise has batch {noise.shape[0]} but cond has {B} rows; they must match")
+            if latent_shape is not None and tuple(latent_shape) != tuple(noise.shape[1:]):
+                raise InputError(f"latent_shape {latent_shape!r} disagrees with noise of shape {tuple(noise.shape)}; "
+                                 "pass one of them")
             shape = tuple(noise.shape)
         else:
             if latent_shape is None:
                 raise InputError("pass latent_shape=(C, H, W) (latent channels and size) or noise=[B, C, H, W]")
-            ls = tuple(int(v) for v in latent_shape)
+            try:  # operator.index: a float or str size is an error, not silently truncated
+                ls = tuple(operator.index(v) for v in latent_shape)
+            except TypeError:
+                ls = ()
             if len(ls) != 3:
                 raise InputError(f"latent_shape must be (C, H, W), got {latent_shape!r}")
             shape = (B,) + ls
@@ -277,15 +303,18 @@ class Sampler:
             if generators is None or guidance_generators is None:
                 raise InputError("pass both generators and guidance_generators (one pair per sample), or seeds")
             gens, ggens = list(generators), list(guidance_generators)
-            if len(gens) != B or len(ggens) != B:
+            if len(gens) != B or len(ggens) != B or \
+                    not all(isinstance(g, torch.Generator) for g in gens + ggens):
                 raise InputError(f"need one generator and one guidance generator per sample ({B}), "
-                                 f"got {len(gens)} and {len(ggens)}")
+                                 f"got {len(gens)} and {len(ggens)} (pass torch.Generator objects)")
             return gens, ggens
         if seeds is None:
             seeds = list(range(B))
-        seeds = list(seeds)
-        if len(seeds) != B or not all(isinstance(s, int) and s >= 0 for s in seeds):
-            raise InputError(f"seeds must be {B} non-negative ints (one per sample), got {seeds!r}")
+        seeds = list(seeds) if isinstance(seeds, (list, tuple, range)) else [seeds]
+        # manual_seed takes < 2**64, and the guidance generator adds GUIDANCE_SEED_OFFSET.
+        if len(seeds) != B or not all(isinstance(s, int) and 0 <= s < 2**64 - GUIDANCE_SEED_OFFSET for s in seeds):
+            raise InputError(f"seeds must be {B} non-negative ints below 2**64 - 2**32 (one per sample), "
+                             f"got {seeds!r}")
         return make_generators(seeds, self.device), make_generators(seeds, self.device, GUIDANCE_SEED_OFFSET)
 
 
@@ -298,6 +327,8 @@ def _per_sample(name: str, v: Any, B: int, check) -> torch.Tensor:
 
 
 def _check_device_dtype(who: str, spec: ModelSpec, device: torch.device, dtype: torch.dtype) -> None:
+    if device.type == "meta":
+        raise ConfigError("the meta device holds no data and cannot sample; pass device='cpu' or 'cuda'")
     if dtype not in (torch.float32, torch.float16, torch.bfloat16):
         raise ConfigError(f"{who} dtype {dtype} is not supported; pass float32, float16 or bfloat16")
     if device.type == "cpu" and dtype == torch.float16:

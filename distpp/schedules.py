@@ -183,6 +183,19 @@ class Schedule:
         return self.coef.detach().cpu().double().numpy()
 
 
+def _set_timesteps(sched, family: str, steps: int | None = None, timesteps: list[int] | None = None) -> None:
+    """diffusers' own refusals (e.g. LCM steps > original_inference_steps) become ConfigError."""
+    try:
+        if timesteps is not None:
+            sched.set_timesteps(timesteps=timesteps)
+        else:
+            sched.set_timesteps(steps)
+    except (ValueError, TypeError) as e:
+        if isinstance(e, ConfigError):
+            raise
+        raise ConfigError(f"the {family} scheduler refused this config: {e}") from e
+
+
 def build_schedule(
     family: str,
     steps: int | None = None,
@@ -225,7 +238,7 @@ def build_schedule(
             level = dlogging.get_verbosity()
             dlogging.set_verbosity_error()  # DMD2's timesteps are off LCM's grid on purpose: silence that warning
             try:
-                sched.set_timesteps(timesteps=timesteps)
+                _set_timesteps(sched, family, timesteps=timesteps)
             finally:
                 dlogging.set_verbosity(level)
         else:
@@ -233,7 +246,7 @@ def build_schedule(
     else:
         if steps > T:
             raise ConfigError(f"steps={steps} exceeds the {T} training timesteps")
-        sched.set_timesteps(steps)
+        _set_timesteps(sched, family, steps)
 
     acp = sched.alphas_cumprod.double().numpy()
     ts = sched.timesteps.double().numpy()

@@ -1,0 +1,190 @@
+"""Soak benchmark: thousands of sampling calls with varying seeds, batch sizes and settings.
+
+Every call draws a random family, guided_steps G, batch, seeds, lam and cfg on the tiny preset (one
+Sampler per (family, G), built up front, as a server would keep them). Measures calls/s, the process
+RSS (psutil, else /proc/self/statm) and, on CUDA, torch's allocator; checks that memory stays flat
+after a warm-up and that the first calls' results are reproduced exactly when rerun at the end.
+
+    python benchmarks/soak.py --calls 2000 --json soak.json
+
+Prints one JSON object (also written to --json). Memory growth is reported two ways: end minus
+post-warm-up RSS, and the least-squares slope of RSS over the calls after warm-up (MiB per 1000 calls),
+which a one-off allocator step does not inflate.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import random
+import sys
+import time
+from dataclasses import dataclass
+
+import torch
+
+from distpp import Sampler, SamplerConfig
+from distpp.presets import build_preset
+from distpp.schedules import FAMILIES
+
+MIB = 2**20
+
+
+def rss_bytes() -> int:
+    """Resident set size of this process in bytes."""
+    try:
+        import psutil
+
+        return int(psutil.Process().memory_info().rss)
+    except ImportError:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+@dataclass(frozen=True)
+class Call:
+    """One soak call's settings."""
+
+    family: str
+    guided: int
+    seeds: tuple[int, ...]
+    lam: tuple[float, ...]
+    cfg: tuple[float, ...]
+
+
+def draw_call(rng: random.Random, steps: int, max_batch: int) -> Call:
+    b = rng.randint(1, max_batch)
+    return Call(family=rng.choice(FAMILIES), guided=rng.randint(0, min(2, steps)),
+                seeds=tuple(rng.randrange(2**31) for _ in range(b)),
+                lam=tuple(round(rng.uniform(0.0, 0.2), 4) for _ in range(b)),
+                cfg=tuple(round(rng.uniform(1.0, 9.0), 3) for _ in range(b)))
+
+
+def slope_per_1000(ys: list[float]) -> float:
+    """Least-squares slope of ys against their index, times 1000."""
+    n = len(ys)
+    if n < 2:
+        return 0.0
+    mx, my = (n - 1) / 2, sum(ys) / n
+    num = sum((i - mx) * (y - my) for i, y in enumerate(ys))
+    den = sum((i - mx) ** 2 for i in range(n))
+    return 1000.0 * num / den
+
+
+def run_soak(calls: int = 2000, *, steps: int = 2, latent_shape=(4, 8, 8), max_batch: int = 3, seed: int = 0,
+             warmup: int = 30, recheck: int = 5, device: str = "cpu", torch_threads: int | None = None,
+             pair=None) -> dict:
+    """Run the soak; returns the report dict (see the module docstring). ``torch_threads`` sets torch's
+    intra-op threads for the run (restored after): on a CPU shared with other processes, 1 avoids the
+    OpenMP oversubscription that made tiny-preset calls ~60x slower on our 2-core box."""
+    threads_before = torch.get_num_threads()
+    if torch_threads is not None:
+        torch.set_num_threads(torch_threads)
+    try:
+        return _run(calls, steps, tuple(latent_shape), max_batch, seed, warmup, recheck, device, pair)
+    finally:
+        torch.set_num_threads(threads_before)
+
+
+def _run(calls, steps, latent_shape, max_batch, seed, warmup, recheck, device, pair) -> dict:
+    load_start = os.getloadavg()
+    pair = pair or build_preset("tiny", device=device)
+    dev = torch.device(pair.device)
+    samplers = {(f, g): Sampler(pair.student, pair.teacher if g else None,
+                                SamplerConfig(family=f, steps=steps, guided_steps=g), device=dev)
+                for f in FAMILIES for g in range(0, min(2, steps) + 1)}
+    bank, uncond = pair.random_cond(max_batch, seed=seed)
+    rng = random.Random(seed)
+    plan = [draw_call(rng, steps, max_batch) for _ in range(calls)]
+
+    def one(c: Call) -> torch.Tensor:
+        cond = bank.map(lambda v: v[: len(c.seeds)])
+        return samplers[(c.family, c.guided)].sample(cond, uncond=uncond if c.guided else None,
+                                                     latent_shape=latent_shape, seeds=list(c.seeds),
+                                                     lam=list(c.lam), cfg=list(c.cfg))
+
+    cuda = dev.type == "cuda"
+    if cuda:
+        torch.cuda.reset_peak_memory_stats(dev)
+    rss, first, nonfinite, images = [], {}, 0, 0
+    rss0 = rss_bytes()
+    t0 = time.perf_counter()
+    t_warm = None
+    cuda_warm = None
+    for i, c in enumerate(plan):
+        out = one(c)
+        if cuda:
+            torch.cuda.synchronize(dev)
+        nonfinite += int((~torch.isfinite(out)).sum())
+        images += out.shape[0]
+        if i < recheck:
+            first[i] = out.detach().cpu().clone()
+        rss.append(rss_bytes())
+        if i + 1 == warmup:
+            t_warm = time.perf_counter()
+            cuda_warm = torch.cuda.memory_allocated(dev) if cuda else None
+    wall = time.perf_counter() - t0
+    steady = rss[warmup:] if calls > warmup else rss
+    steady_wall = time.perf_counter() - t_warm if t_warm is not None and calls > warmup else wall
+
+    repro = []
+    for i, ref in first.items():
+        again = one(plan[i]).detach().cpu()
+        repro.append({"call": i, "bitwise_equal": bool(torch.equal(again, ref)),
+                      "max_abs_diff": float((again - ref).abs().max())})
+
+    report = {
+        "calls": calls, "images": images, "steps": steps, "latent_shape": list(latent_shape),
+        "max_batch": max_batch, "warmup": warmup, "wall_s": round(wall, 3),
+        "calls_per_s": round(calls / wall, 2),
+        "calls_per_s_after_warmup": round((calls - warmup) / steady_wall, 2) if calls > warmup else None,
+        "rss_start_mib": round(rss0 / MIB, 1),
+        "rss_after_warmup_mib": round(rss[min(warmup, calls) - 1] / MIB, 1),
+        "rss_end_mib": round(rss[-1] / MIB, 1),
+        "rss_peak_mib": round(max(rss) / MIB, 1),
+        "rss_growth_after_warmup_mib": round((rss[-1] - rss[min(warmup, calls) - 1]) / MIB, 2),
+        "rss_slope_mib_per_1000_calls": round(slope_per_1000([r / MIB for r in steady]), 3),
+        "torch_cuda_after_warmup_mib": round(cuda_warm / MIB, 2) if cuda else None,
+        "torch_cuda_end_mib": round(torch.cuda.memory_allocated(dev) / MIB, 2) if cuda else None,
+        "torch_cuda_peak_mib": round(torch.cuda.max_memory_allocated(dev) / MIB, 2) if cuda else None,
+        "nonfinite_values": nonfinite,
+        "repro": repro,
+        "repro_all_bitwise": all(r["bitwise_equal"] for r in repro),
+        "configs": len(samplers), "torch_threads": torch.get_num_threads(),
+        "device": torch.cuda.get_device_name(dev) if cuda else f"cpu ({os.cpu_count()} cores)",
+        "torch": torch.__version__, "python": platform.python_version(),
+        "loadavg_start": [round(v, 2) for v in load_start],
+        "loadavg_end": [round(v, 2) for v in os.getloadavg()],
+        "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
+    }
+    return report
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--calls", type=int, default=2000)
+    p.add_argument("--steps", type=int, default=2)
+    p.add_argument("--latent", type=int, nargs=3, default=(4, 8, 8), metavar=("C", "H", "W"))
+    p.add_argument("--max-batch", type=int, default=3)
+    p.add_argument("--warmup", type=int, default=30)
+    p.add_argument("--recheck", type=int, default=5)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--torch-threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    p.add_argument("--json", help="also write the report here")
+    a = p.parse_args(argv)
+    report = run_soak(a.calls, steps=a.steps, latent_shape=tuple(a.latent), max_batch=a.max_batch, seed=a.seed,
+                      warmup=a.warmup, recheck=a.recheck, device=a.device, torch_threads=a.torch_threads)
+    text = json.dumps(report, indent=1)
+    print(text)
+    if a.json:
+        with open(a.json, "w") as f:
+            f.write(text + "\n")
+    ok = report["repro_all_bitwise"] and report["nonfinite_values"] == 0
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
