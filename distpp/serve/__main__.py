@@ -1,0 +1,71 @@
+"""``python -m distpp.serve``: start the Ray Serve deployment and serve HTTP until Ctrl-C.
+
+Without ``--address`` a local Ray instance is started (loopback HTTP on 127.0.0.1 by default); with
+``--address auto`` (or host:port) the deployment joins a running cluster (``ray start --head`` first).
+"""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import threading
+
+from .request import settings_from_strings
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m distpp.serve", description=__doc__.splitlines()[0])
+    p.add_argument("--preset", default="tiny")
+    p.add_argument("--replicas", default="1")
+    p.add_argument("--max-batch-size", default="8")
+    p.add_argument("--batch-wait-timeout-s", default="0.01")
+    p.add_argument("--max-ongoing-requests", default="none")
+    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    p.add_argument("--gpus-per-replica", default="none", help="default: 1 when the cluster has GPUs, else 0")
+    p.add_argument("--cpus-per-replica", default="1")
+    p.add_argument("--family", default="lcm")
+    p.add_argument("--steps", default="4")
+    p.add_argument("--guided-steps", default="1")
+    p.add_argument("--kernel-impl", default="auto")
+    p.add_argument("--weights", default="none", help="local folder with student/ and teacher/ UNets")
+    p.add_argument("--dtype", default="float32", choices=("float32", "float16", "bfloat16"))
+    p.add_argument("--no-warm", action="store_true", help="skip the warm-up sample at replica start")
+    p.add_argument("--address", default=None, help="Ray cluster address (auto, host:port); default: start locally")
+    p.add_argument("--host", default="127.0.0.1", help="HTTP host (0.0.0.0 to listen on all interfaces)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--name", default="distpp", help="Serve application name")
+    p.add_argument("--route-prefix", default="/")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> None:
+    a = parse_args(argv)
+    settings = settings_from_strings({
+        "preset": a.preset, "replicas": a.replicas, "max_batch_size": a.max_batch_size,
+        "batch_wait_timeout_s": a.batch_wait_timeout_s, "max_ongoing_requests": a.max_ongoing_requests,
+        "device": a.device, "gpus_per_replica": a.gpus_per_replica, "cpus_per_replica": a.cpus_per_replica,
+        "family": a.family, "steps": a.steps, "guided_steps": a.guided_steps, "kernel_impl": a.kernel_impl,
+        "weights": a.weights, "dtype": a.dtype, "warm": str(not a.no_warm)})
+    from . import build_app
+    import ray
+    from ray import serve
+
+    ray.init(address=a.address, include_dashboard=False)
+    serve.start(http_options={"host": a.host, "port": a.port})
+    serve.run(build_app(settings), name=a.name, route_prefix=a.route_prefix)
+    prefix = a.route_prefix.rstrip("/")
+    print(f"distpp serving preset {settings.preset!r} with {settings.replicas} replica(s): "
+          f"POST http://{a.host}:{a.port}{prefix}/sample, GET {prefix}/healthz; Ctrl-C stops", flush=True)
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    try:
+        stop.wait()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,63 @@
+"""Prompt -> conditioning for serving, and latent -> output encodings.
+
+The presets carry UNets but no text encoder, so :func:`prompt_cond` is a deterministic stand-in: the
+prompt's SHA-256 seeds random text states of the preset's shape. Equal prompts give equal
+conditioning on every replica and machine, which is what batching and routing need; it is NOT a text
+encoder. When ``distpp.pipeline.Pipeline`` (text encoders + VAE) is available, a replica would hold
+a Pipeline instead and call its encode step here (and decode latents to images in ``png_bytes``).
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import io
+
+import numpy as np
+import torch
+
+from ..denoiser import Cond
+from ..presets import PresetInfo
+
+
+def prompt_seed(prompt: str) -> int:
+    """A 63-bit generator seed from the prompt's UTF-8 SHA-256 (stable across processes)."""
+    return int.from_bytes(hashlib.sha256(prompt.encode("utf-8")).digest()[:8], "little") >> 1
+
+
+def prompt_cond(info: PresetInfo, prompt: str) -> Cond:
+    """Conditioning of one prompt, 1 row, float32 on CPU.
+
+    encoder_hidden_states [1, tokens, width]; for SDXL-style presets also text_embeds [1, pooled] and
+    time_ids [1, 6] (native resolution, no crop), as ``ModelPair.random_cond`` makes them.
+    """
+    g = torch.Generator().manual_seed(prompt_seed(prompt))
+    ehs = torch.randn(1, info.tokens, info.width, generator=g)
+    if info.pooled is None:
+        return Cond(ehs)
+    te = torch.randn(1, info.pooled, generator=g)
+    res = float(info.resolution)
+    return Cond(ehs, te, torch.tensor([[res, res, 0.0, 0.0, res, res]]))
+
+
+def latent_b64(latent: np.ndarray) -> str:
+    """Base64 of the latent's raw little-endian float32 bytes (C order); decode with
+    ``np.frombuffer(base64.b64decode(s), "<f4").reshape(shape)``."""
+    return base64.b64encode(np.ascontiguousarray(latent, dtype="<f4").tobytes()).decode("ascii")
+
+
+def latent_image(latent: np.ndarray) -> np.ndarray:
+    """[H, W, 3] uint8 view of a [C, H, W] latent: its first three channels (grey for C < 3) mapped from
+    [-3, 3] (3 standard deviations of unit-variance latents) to [0, 255]. A visualization, not a decode."""
+    x = np.asarray(latent, dtype=np.float32)
+    rgb = np.stack([x[min(c, x.shape[0] - 1)] for c in range(3)], axis=-1)
+    return np.round((np.clip(rgb, -3.0, 3.0) + 3.0) * (255.0 / 6.0)).astype(np.uint8)
+
+
+def png_bytes(latent: np.ndarray) -> bytes:
+    """PNG file bytes of :func:`latent_image` (needs pillow: ``pip install ".[serve]"``)."""
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(latent_image(latent)).save(buf, format="PNG")
+    return buf.getvalue()

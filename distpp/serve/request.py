@@ -1,0 +1,228 @@
+"""Serving settings and per-request validation (pure Python + torch; no Ray needed).
+
+A request is a JSON object (HTTP) or a dict (Python handle) with the fields of :class:`SampleRequest`.
+:func:`parse_request` turns it into a validated, frozen :class:`SampleRequest` or raises
+``ConfigError`` / ``InputError`` (both ``ValueError``) whose message names the field, what was passed
+and what to pass instead; the HTTP endpoint answers those with status 400.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, fields
+from typing import Any, Mapping
+
+from ..config import DEFAULT_LAM, SamplerConfig
+from ..errors import ConfigError, InputError
+from ..schedules import FAMILIES
+
+OUTPUTS = ("latent", "latent_b64", "png")
+DTYPES = ("float32", "float16", "bfloat16")
+# Seeds feed torch.Generator.manual_seed(seed) and (seed + 2**32); 2**32 keeps both in range and every
+# seed exact in a JSON number (doubles hold integers up to 2**53).
+MAX_SEED = 2**32
+MAX_PROMPT_CHARS = 4096
+# The fields a request may carry; anything else is refused so a typo ("sed") is not silently ignored.
+REQUEST_FIELDS = ("prompt", "negative_prompt", "seed", "lam", "cfg", "family", "steps", "guided_steps", "output")
+
+
+@dataclass(frozen=True)
+class ServeSettings:
+    """Settings of one deployment (every replica holds the same sampler).
+
+    preset:               distpp.presets name built at replica start (random weights for tiny*).
+    replicas:             number of replicas (one sampler each).
+    max_batch_size:       Serve's dynamic batching: most requests merged into one sampling call.
+    batch_wait_timeout_s: how long a partial batch waits for more requests before it runs.
+    max_ongoing_requests: per-replica queue Serve may fill (None: 2 * max_batch_size, so a replica
+                          can collect a full batch while the previous one runs).
+    device:               "auto" (CUDA when the replica sees a GPU, else CPU), "cpu" or "cuda".
+    gpus_per_replica:     ray_actor_options num_gpus (None: 1 when the Ray cluster has GPUs, else 0).
+    cpus_per_replica:     ray_actor_options num_cpus; also the replica's torch thread count on CPU.
+    family, steps, guided_steps: request defaults (requests may override them; see SampleRequest).
+    kernel_impl:          SamplerConfig.kernel_impl of every sampler.
+    max_steps:            largest steps a request may ask for (bounds the cost of one request).
+    warm:                 run one sample per replica at start so the first request is not slow.
+    weights:              a local folder with student/ and teacher/ diffusers UNets (None: the preset's
+                          random weights); must exist on every node that runs a replica.
+    dtype:                model dtype: float32, float16 (GPU only) or bfloat16.
+    """
+
+    preset: str = "tiny"
+    replicas: int = 1
+    max_batch_size: int = 8
+    batch_wait_timeout_s: float = 0.01
+    max_ongoing_requests: int | None = None
+    device: str = "auto"
+    gpus_per_replica: float | None = None
+    cpus_per_replica: float = 1.0
+    family: str = "lcm"
+    steps: int = 4
+    guided_steps: int = 1
+    kernel_impl: str = "auto"
+    max_steps: int = 50
+    warm: bool = True
+    weights: str | None = None
+    dtype: str = "float32"
+
+    def __post_init__(self):
+        from ..presets import preset_info
+
+        preset_info(self.preset)
+        for name in ("replicas", "max_batch_size", "max_steps"):
+            v = getattr(self, name)
+            if not _is_int(v) or v < 1:
+                raise ConfigError(f"{name} must be an integer >= 1, got {v!r}")
+        mor, wait = self.max_ongoing_requests, self.batch_wait_timeout_s
+        if mor is not None and (not _is_int(mor) or mor < 1):
+            raise ConfigError(f"max_ongoing_requests must be an integer >= 1 or None, got {mor!r}")
+        if not _is_number(wait) or not (0 <= wait <= 60):
+            raise ConfigError(f"batch_wait_timeout_s must be seconds in [0, 60] (e.g. 0.01), got {wait!r}")
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise ConfigError(f"device must be 'auto', 'cpu' or 'cuda', got {self.device!r}")
+        if self.gpus_per_replica is not None and (not _is_number(self.gpus_per_replica) or self.gpus_per_replica < 0):
+            raise ConfigError(f"gpus_per_replica must be a number >= 0 or None (auto), got {self.gpus_per_replica!r}")
+        if not _is_number(self.cpus_per_replica) or self.cpus_per_replica <= 0:
+            raise ConfigError(f"cpus_per_replica must be a number > 0, got {self.cpus_per_replica!r}")
+        if not _is_int(self.steps) or not (1 <= self.steps <= self.max_steps):
+            raise ConfigError(f"steps must be an integer in [1, max_steps={self.max_steps}], got {self.steps!r}")
+        if self.dtype not in DTYPES:
+            raise ConfigError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        # The default sampler config must itself be valid (family, guided_steps, kernel_impl).
+        self.default_config()
+
+    @property
+    def resolved_max_ongoing_requests(self) -> int:
+        return self.max_ongoing_requests or 2 * self.max_batch_size
+
+    def default_config(self) -> SamplerConfig:
+        return SamplerConfig(family=self.family, steps=self.steps, guided_steps=self.guided_steps,
+                             kernel_impl=self.kernel_impl)
+
+
+@dataclass(frozen=True)
+class SampleRequest:
+    """One validated request (one sample).
+
+    prompt:          text; its conditioning comes from :func:`distpp.serve.conditioning.prompt_cond`.
+    negative_prompt: the teacher's CFG negative prompt ("" = the empty prompt).
+    seed:            int in [0, 2**32): the sample's generator seed (distpp's randomness contract).
+    lam, cfg:        proximal weight in [0, 1] and teacher CFG scale >= 0 (may differ per request in one
+                     batch: the sampler takes them per sample).
+    family, steps, guided_steps: the sampler; requests that differ here run in separate calls.
+    output:          HTTP only: "latent" (nested lists), "latent_b64" (raw little-endian float32) or
+                     "png" (an image/png of the latent's first three channels).
+    """
+
+    prompt: str
+    negative_prompt: str
+    seed: int
+    lam: float
+    cfg: float
+    family: str
+    steps: int
+    guided_steps: int
+    output: str = "latent"
+
+    @property
+    def group_key(self) -> tuple[str, int, int]:
+        """Requests with equal keys share one sampler and may be batched into one call."""
+        return (self.family, self.steps, self.guided_steps)
+
+    def sampler_config(self, kernel_impl: str = "auto") -> SamplerConfig:
+        return SamplerConfig(family=self.family, steps=self.steps, guided_steps=self.guided_steps,
+                             kernel_impl=kernel_impl)
+
+
+def parse_request(body: Any, settings: ServeSettings) -> SampleRequest:
+    """Validate a request dict against ``settings``; raises ConfigError / InputError (ValueError)."""
+    if not isinstance(body, Mapping):
+        raise InputError(f"a request must be a JSON object like {{\"prompt\": \"a cat\", \"seed\": 0}}, "
+                         f"got {type(body).__name__}")
+    unknown = sorted(set(body) - set(REQUEST_FIELDS))
+    if unknown:
+        raise InputError(f"unknown request field(s) {unknown}; allowed: {', '.join(REQUEST_FIELDS)}")
+    prompt = _string(body, "prompt", None)
+    negative = _string(body, "negative_prompt", "")
+    seed = body.get("seed", 0)
+    if not _is_int(seed) or not (0 <= seed < MAX_SEED):
+        raise InputError(f"seed must be an integer in [0, 2**32), got {seed!r}")
+    family = body.get("family", settings.family)
+    if family not in FAMILIES:
+        raise ConfigError(f"unknown family {family!r}; pass one of {', '.join(FAMILIES)}")
+    steps = body.get("steps", settings.steps)
+    if not _is_int(steps) or not (1 <= steps <= settings.max_steps):
+        raise ConfigError(f"steps must be an integer in [1, {settings.max_steps}], got {steps!r}")
+    guided = body.get("guided_steps", min(settings.guided_steps, steps))
+    if not _is_int(guided) or not (0 <= guided <= steps):
+        raise ConfigError(f"guided_steps must be an integer in [0, steps={steps}], got {guided!r}")
+    lam = body.get("lam", DEFAULT_LAM[family])
+    if not _is_number(lam) or not (0.0 <= lam <= 1.0):
+        raise ConfigError(f"lam must be a number in [0, 1] (0 = no guidance; paper defaults 0.01-0.1), got {lam!r}")
+    cfg = body.get("cfg", 7.5)
+    if not _is_number(cfg) or cfg < 0:
+        raise ConfigError(f"cfg (the teacher's CFG scale) must be a finite number >= 0 (default 7.5), got {cfg!r}")
+    output = body.get("output", "latent")
+    if output not in OUTPUTS:
+        raise InputError(f"output must be one of {', '.join(OUTPUTS)}, got {output!r}")
+    return SampleRequest(prompt=prompt, negative_prompt=negative, seed=int(seed), lam=float(lam), cfg=float(cfg),
+                         family=family, steps=int(steps), guided_steps=int(guided), output=output)
+
+
+def _string(body: Mapping, name: str, default: str | None) -> str:
+    if name not in body:
+        if default is None:
+            raise InputError(f"missing required field {name!r} (a string, e.g. \"a photo of a cat\")")
+        return default
+    v = body[name]
+    if not isinstance(v, str):
+        raise InputError(f"{name} must be a string, got {type(v).__name__}")
+    if len(v) > MAX_PROMPT_CHARS:
+        raise InputError(f"{name} has {len(v)} characters; pass at most {MAX_PROMPT_CHARS}")
+    return v
+
+
+def _is_int(v: Any) -> bool:
+    # bool is an int subclass; true/false is never a meaningful seed or step count.
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+# Non-string ServeSettings fields, for settings given as strings (CLI flags, ``serve run`` key=value args).
+_SETTING_TYPES = {"replicas": int, "max_batch_size": int, "max_ongoing_requests": int, "steps": int,
+                  "guided_steps": int, "max_steps": int, "batch_wait_timeout_s": float, "gpus_per_replica": float,
+                  "cpus_per_replica": float, "warm": bool}
+
+
+def settings_from_strings(args: Mapping[str, Any]) -> ServeSettings:
+    """ServeSettings from ``{name: value}`` where values may be strings ("2", "0.01", "none", "false")."""
+    known = {f.name for f in fields(ServeSettings)}
+    unknown = sorted(set(args) - known)
+    if unknown:
+        raise ConfigError(f"unknown serve setting(s) {unknown}; known: {', '.join(sorted(known))}")
+    return ServeSettings(**{k: _convert(k, v) for k, v in args.items()})
+
+
+def _convert(name: str, value: Any) -> Any:
+    if not isinstance(value, str):
+        return value
+    v = value.strip().lower()
+    if name == "weights":
+        return None if v == "none" else value
+    kind = _SETTING_TYPES.get(name)
+    if kind is None:
+        return value
+    if v == "none" and name in ("max_ongoing_requests", "gpus_per_replica"):
+        return None
+    if kind is bool:
+        if v not in ("true", "false", "1", "0"):
+            raise ConfigError(f"serve setting {name}={value!r}: pass true or false")
+        return v in ("true", "1")
+    try:
+        return kind(v)
+    except ValueError:
+        raise ConfigError(f"serve setting {name}={value!r} is not a{'n' if kind is int else ''} "
+                          f"{kind.__name__}") from None

@@ -1,0 +1,320 @@
+"""distpp.serve: request validation, the per-replica worker (no Ray), and a real local Ray Serve
+deployment with 2 CPU replicas of the tiny preset (marked ``serve``; needs ``pip install ".[serve]"``).
+
+Every served latent is compared with a direct batch-1 Sampler call for the same prompt, seed, lam and cfg
+(fp32, 1e-5 relative by norm: batching changes the last bits, nothing more).
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import socket
+import time
+import urllib.error
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+import torch
+
+from distpp import Sampler
+from distpp.errors import ConfigError, InputError
+from distpp.serve import (SampleRequest, SamplerWorker, ServeSettings, group_indices, latent_image, parse_request,
+                          png_bytes, prompt_cond, settings_from_strings)
+
+RTOL_F32 = 1e-5
+SETTINGS = ServeSettings(preset="tiny", replicas=2, max_batch_size=4, batch_wait_timeout_s=0.05, device="cpu")
+
+
+@pytest.fixture(scope="module")
+def worker() -> SamplerWorker:
+    return SamplerWorker(SETTINGS)
+
+
+def reference(worker: SamplerWorker, req: SampleRequest) -> np.ndarray:
+    """The direct, unbatched sampler result for one request: [C, H, W] float32 (memoized per request)."""
+    if req not in _REFS:
+        _REFS[req] = _direct(worker, req)
+    return _REFS[req]
+
+
+_REFS: dict[SampleRequest, np.ndarray] = {}
+
+
+def _direct(worker: SamplerWorker, req: SampleRequest) -> np.ndarray:
+    info = worker.pair.info
+    s = Sampler(worker.pair.student, worker.pair.teacher, req.sampler_config(), device="cpu")
+    x = s.sample(prompt_cond(info, req.prompt), uncond=prompt_cond(info, req.negative_prompt),
+                 latent_shape=info.latent_shape, seeds=[req.seed], lam=req.lam, cfg=req.cfg)
+    return x[0].numpy()
+
+
+def assert_close(got: np.ndarray, want: np.ndarray, what: str) -> None:
+    got = np.asarray(got, dtype=np.float32)
+    assert got.shape == want.shape, f"{what}: shape {got.shape} != {want.shape}"
+    assert np.isfinite(got).all(), f"{what}: NaN/inf at {np.argwhere(~np.isfinite(got))[:5].tolist()}"
+    assert np.abs(want).max() > 0.1, f"{what}: reference is near zero; the comparison would prove nothing"
+    rel = float(np.linalg.norm(got - want) / np.linalg.norm(want))
+    assert rel <= RTOL_F32, f"{what}: relative error {rel:.2e} > {RTOL_F32:.0e}"
+
+
+# Heterogeneous requests: different prompts, seeds, lam, cfg, negative prompts, and two sampler groups.
+REQUESTS = [
+    {"prompt": "a red fox", "seed": 11, "lam": 0.3, "cfg": 2.0},
+    {"prompt": "a blue car", "seed": 12},
+    {"prompt": "a red fox", "seed": 13, "lam": 0.9, "cfg": 7.5, "negative_prompt": "blurry"},
+    {"prompt": "a house", "seed": 14, "family": "euler", "steps": 2, "lam": 0.5},
+    {"prompt": "a tree", "seed": 15, "lam": 0.0},
+    {"prompt": "a boat", "seed": 16, "family": "euler", "steps": 2, "cfg": 3.0},
+]
+
+
+# --- validation (no Ray) -------------------------------------------------------------------------------
+@pytest.mark.parametrize("body, err, words", [
+    ({"prompt": "x", "lam": 1.5}, ConfigError, "lam must be a number in [0, 1]"),
+    ({"prompt": "x", "lam": "0.1"}, ConfigError, "lam must be a number"),
+    ({"prompt": "x", "lam": float("nan")}, ConfigError, "lam must be"),
+    ({"prompt": "x", "cfg": -1}, ConfigError, "cfg"),
+    ({"prompt": "x", "family": "flux"}, ConfigError, "unknown family 'flux'"),
+    ({"prompt": "x", "steps": 0}, ConfigError, "steps must be an integer in [1, 50]"),
+    ({"prompt": "x", "steps": 51}, ConfigError, "steps must be"),
+    ({"prompt": "x", "steps": 2, "guided_steps": 3}, ConfigError, "guided_steps must be an integer in [0, steps=2]"),
+    ({"prompt": "x", "seed": "3"}, InputError, "seed must be an integer"),
+    ({"prompt": "x", "seed": True}, InputError, "seed must be an integer"),
+    ({"prompt": "x", "seed": -1}, InputError, "seed must be"),
+    ({"prompt": "x", "seed": 2**32}, InputError, "seed must be"),
+    ({"prompt": "x", "seed": 1.0}, InputError, "seed must be"),
+    ({"seed": 1}, InputError, "missing required field 'prompt'"),
+    ({"prompt": 7}, InputError, "prompt must be a string"),
+    ({"prompt": "x" * 5000}, InputError, "at most 4096"),
+    ({"prompt": "x", "sed": 1}, InputError, "unknown request field(s) ['sed']"),
+    ({"prompt": "x", "output": "jpeg"}, InputError, "output must be one of"),
+    (["x"], InputError, "must be a JSON object"),
+])
+def test_parse_request_rejects(body, err, words):
+    with pytest.raises(err) as e:
+        parse_request(body, SETTINGS)
+    assert words in str(e.value)
+    assert isinstance(e.value, ValueError)
+
+
+def test_parse_request_defaults_and_values():
+    r = parse_request({"prompt": "a cat"}, SETTINGS)
+    assert (r.seed, r.lam, r.cfg, r.family, r.steps, r.guided_steps, r.output, r.negative_prompt) == \
+        (0, 0.01, 7.5, "lcm", 4, 1, "latent", "")
+    r = parse_request({"prompt": "a", "family": "euler", "steps": 1, "lam": 1, "cfg": 0, "seed": 2**32 - 1}, SETTINGS)
+    assert (r.lam, r.cfg, r.group_key, r.seed) == (1.0, 0.0, ("euler", 1, 1), 2**32 - 1)
+    assert parse_request({"prompt": "a", "family": "euler_a"}, SETTINGS).lam == 0.05  # the family default
+
+
+def test_settings_validation_and_strings():
+    s = settings_from_strings({"replicas": "3", "batch_wait_timeout_s": "0.02", "warm": "false",
+                               "gpus_per_replica": "none", "max_ongoing_requests": "5"})
+    assert (s.replicas, s.batch_wait_timeout_s, s.warm, s.gpus_per_replica, s.resolved_max_ongoing_requests) == \
+        (3, 0.02, False, None, 5)
+    assert ServeSettings(max_batch_size=6).resolved_max_ongoing_requests == 12
+    s = settings_from_strings({"weights": "/models/Pair", "dtype": "bfloat16"})
+    assert (s.weights, s.dtype) == ("/models/Pair", "bfloat16")
+    assert settings_from_strings({"weights": "none"}).weights is None
+    for bad, words in (({"replicas": "two"}, "not an int"), ({"replica": "2"}, "unknown serve setting"),
+                       ({"warm": "maybe"}, "true or false")):
+        with pytest.raises(ConfigError, match=words):
+            settings_from_strings(bad)
+    for kw, words in ((dict(replicas=0), "replicas"), (dict(preset="huge"), "unknown preset"),
+                      (dict(device="tpu"), "device"), (dict(family="x"), "unknown family"),
+                      (dict(batch_wait_timeout_s=-1), "batch_wait_timeout_s"), (dict(guided_steps=9), "guided_steps"),
+                      (dict(dtype="int8"), "dtype must be one of")):
+        with pytest.raises(ConfigError, match=words):
+            ServeSettings(**kw)
+
+
+def test_prompt_cond_is_deterministic_and_shaped():
+    from distpp.presets import preset_info
+
+    info = preset_info("tiny")
+    a, b, c = prompt_cond(info, "a cat"), prompt_cond(info, "a cat"), prompt_cond(info, "a dog")
+    assert a.encoder_hidden_states.shape == (1, info.tokens, info.width)
+    assert a.encoder_hidden_states.dtype == torch.float32
+    assert torch.equal(a.encoder_hidden_states, b.encoder_hidden_states)
+    assert not torch.allclose(a.encoder_hidden_states, c.encoder_hidden_states)
+    xl = prompt_cond(preset_info("tiny_xl"), "a cat")
+    assert xl.text_embeds.shape == (1, 32) and xl.time_ids.shape == (1, 6)
+
+
+def test_latent_png():
+    from PIL import Image
+
+    lat = np.random.default_rng(0).standard_normal((4, 5, 7)).astype(np.float32)
+    img = np.asarray(Image.open(io.BytesIO(png_bytes(lat))))
+    assert img.shape == (5, 7, 3) and img.dtype == np.uint8
+    want = np.round((np.clip(lat[:3].transpose(1, 2, 0), -3, 3) + 3) * 255 / 6)
+    assert np.array_equal(img, want.astype(np.uint8))
+    assert np.array_equal(latent_image(lat[:1])[..., 0], latent_image(lat[:1])[..., 2])  # 1 channel -> grey
+
+
+# --- the worker a replica holds (no Ray) ----------------------------------------------------------------
+def test_group_indices():
+    reqs = [parse_request(b, SETTINGS) for b in REQUESTS]
+    assert group_indices(reqs) == [[0, 1, 2, 4], [3, 5]]
+
+
+def test_worker_batch_matches_direct_sampler(worker):
+    reqs = [parse_request(b, SETTINGS) for b in REQUESTS]
+    out = worker.run_batch(reqs)
+    for i, (r, x) in enumerate(zip(reqs, out)):
+        assert not isinstance(x, Exception), x
+        assert_close(x, reference(worker, r), f"request {i}")
+    # Distinct seeds and settings must give distinct samples (the batch is not one result copied).
+    assert not np.allclose(out[0], out[1])
+
+
+def test_worker_failing_group_spares_the_others(worker):
+    class Failing(SamplerWorker):
+        def __init__(self, base):
+            self.__dict__.update(base.__dict__)
+
+        def run_group(self, reqs):
+            if reqs[0].family == "euler":
+                raise RuntimeError("simulated engine failure")
+            return super().run_group(reqs)
+
+    reqs = [parse_request(b, SETTINGS) for b in REQUESTS]
+    out = Failing(worker).run_batch(reqs)
+    for i, r in enumerate(reqs):
+        if r.family == "euler":
+            assert isinstance(out[i], RuntimeError) and "simulated" in str(out[i])
+        else:
+            assert_close(out[i], reference(worker, r), f"request {i}")
+
+
+# --- a real local Ray Serve deployment ------------------------------------------------------------------
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def served():
+    """(handle, base_url) of 2 tiny-preset CPU replicas on a fresh local Ray; shut down afterwards."""
+    pytest.importorskip("ray.serve", reason='needs pip install ".[serve]"')
+    import ray
+    from ray import serve
+
+    from distpp.serve import build_app
+
+    port = _free_port()
+    # address="local": always a fresh instance, never a cluster named by RAY_ADDRESS.
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        handle = serve.run(build_app(SETTINGS), name="distpp_test", route_prefix="/")
+        yield handle, f"http://127.0.0.1:{port}"
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+
+
+def http(base: str, path: str, body=None, raw: bytes | None = None, method: str | None = None):
+    """(status, content-type, body bytes) of one loopback HTTP call."""
+    data = raw if raw is not None else (json.dumps(body).encode() if body is not None else None)
+    req = urllib.request.Request(base + path, data=data, method=method or ("POST" if data is not None else "GET"),
+                                 headers={"content-type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=120) as r:
+            return r.status, r.headers.get("content-type", ""), r.read()
+    except urllib.error.HTTPError as e:
+        return e.code, e.headers.get("content-type", ""), e.read()
+
+
+@pytest.mark.serve
+def test_served_concurrent_handle_and_http_match_direct_sampler(served, worker):
+    handle, base = served
+    bodies = [dict(b, seed=b["seed"] + 100 * k) for k in range(2) for b in REQUESTS]  # 12 requests
+    outputs = ["latent", "latent_b64"]
+    with ThreadPoolExecutor(len(bodies)) as pool:
+        responses = [handle.sample.remote(b) for b in bodies]  # handle calls are already asynchronous
+        http_futs = [pool.submit(http, base, "/sample", dict(b, output=outputs[i % 2])) for i, b in enumerate(bodies)]
+        via_handle = [r.result(timeout_s=120) for r in responses]
+        via_http = [f.result() for f in http_futs]
+
+    replicas, batches = set(), []
+    for i, (b, h, (status, ctype, raw)) in enumerate(zip(bodies, via_handle, via_http)):
+        want = reference(worker, parse_request(b, SETTINGS))
+        assert h["seed"] == b["seed"]
+        assert_close(h["latent"], want, f"handle request {i}")
+        assert status == 200 and ctype.startswith("application/json"), (status, raw[:300])
+        j = json.loads(raw)
+        if "latent_b64" in j:
+            got = np.frombuffer(base64.b64decode(j["latent_b64"]), "<f4").reshape(j["shape"])
+        else:
+            got = np.asarray(j["latent"], dtype=np.float32)
+        assert_close(got, want, f"HTTP request {i}")
+        replicas |= {h["replica"], j["replica"]}
+        batches += [h["batch_size"], j["batch_size"]]
+    assert len(replicas) == 2, f"expected both replicas to serve, got {replicas}"
+    assert max(batches) > 1, f"dynamic batching never merged requests: batch sizes {batches}"
+
+
+@pytest.mark.serve
+def test_served_png_health_and_errors(served):
+    handle, base = served
+    status, ctype, raw = http(base, "/sample", {"prompt": "a cat", "seed": 3, "output": "png"})
+    assert status == 200 and ctype == "image/png" and raw[:8] == b"\x89PNG\r\n\x1a\n"
+    status, _, raw = http(base, "/healthz")
+    h = json.loads(raw)
+    assert status == 200 and h["status"] == "ok" and h["latent_shape"] == [4, 16, 16] and h["device"] == "cpu"
+
+    for body, raw_body, code, words in [
+        ({"prompt": "x", "lam": 2.0}, None, 400, "lam must be a number in [0, 1]"),
+        ({"prompt": "x", "family": "flux"}, None, 400, "unknown family 'flux'"),
+        ({"prompt": "x", "seed": "7"}, None, 400, "seed must be an integer"),
+        ({"prompt": "x", "steps": 3.5}, None, 400, "steps must be an integer"),
+        (None, b"{not json", 400, "not valid JSON"),
+        (None, b"x" * 70000, 413, "send at most"),
+    ]:
+        status, ctype, raw = http(base, "/sample", body, raw=raw_body)
+        err = json.loads(raw)
+        assert status == code and ctype.startswith("application/json"), (status, raw[:200])
+        assert words in err["error"], err
+    status, _, raw = http(base, "/nowhere")
+    assert status == 404 and "POST /sample" in json.loads(raw)["error"]
+    status, _, _ = http(base, "/sample")
+    assert status == 405
+    with pytest.raises(ValueError, match="unknown family"):  # ConfigError through the handle
+        handle.sample.remote({"prompt": "x", "family": "flux"}).result(timeout_s=60)
+
+
+@pytest.mark.serve
+def test_served_replica_failure_keeps_other_requests(served, worker):
+    """Kill one replica while requests are in flight: only requests it held may fail; every other
+    request completes with the right result, and requests sent after the kill all succeed."""
+    import ray
+
+    handle, _ = served
+    victim = handle.sample.remote({"prompt": "probe", "seed": 1}).result(timeout_s=120)["replica"]
+    name = next(a for a in ray.util.list_named_actors(all_namespaces=True)
+                if a["name"].startswith("SERVE_REPLICA::distpp_test#") and a["name"].endswith(victim))
+    bodies = [{"prompt": "in flight", "seed": 200 + i} for i in range(12)]
+    responses = [handle.sample.remote(b) for b in bodies]
+    time.sleep(0.2)
+    ray.kill(ray.get_actor(name["name"], namespace=name["namespace"]), no_restart=True)
+    failed, served_by = 0, []
+    for b, r in zip(bodies, responses):
+        try:
+            out = r.result(timeout_s=120)
+        except Exception:  # noqa: BLE001 - only requests held by the killed replica may end here
+            failed += 1
+            continue
+        served_by.append(out["replica"])
+        assert_close(out["latent"], reference(worker, parse_request(b, SETTINGS)), f"seed {b['seed']}")
+    assert any(r != victim for r in served_by), f"the surviving replica answered none of {served_by}"
+    assert failed <= SETTINGS.resolved_max_ongoing_requests, f"{failed} requests lost; the victim held at most " \
+        f"{SETTINGS.resolved_max_ongoing_requests}"
+    after = [{"prompt": "after", "seed": 300 + i} for i in range(6)]
+    for b, out in zip(after, [r.result(timeout_s=120) for r in [handle.sample.remote(b) for b in after]]):
+        assert out["replica"] != victim
+        assert_close(out["latent"], reference(worker, parse_request(b, SETTINGS)), f"seed {b['seed']}")
