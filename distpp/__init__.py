@@ -5,13 +5,15 @@ from .config import SamplerConfig
 from .denoiser import Cond, Denoiser, ModelSpec, UNetDenoiser
 from .errors import (BackendUnavailableError, CacheError, CaptureError, ConfigError, DistppError, InputError,
                      WeightsNotFoundError)
+from .graphs import GraphRunner
+from .pipeline import Pipeline
 from .sampler import Plan, Sampler, run_loop
 from .schedules import Schedule, build_schedule
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "SamplerConfig", "Sampler", "Plan", "run_loop", "Cond", "Denoiser", "ModelSpec", "UNetDenoiser", "Schedule",
+    "SamplerConfig", "Sampler", "GraphRunner", "Pipeline", "Plan", "run_loop", "Cond", "Denoiser", "ModelSpec", "UNetDenoiser", "Schedule",
     "build_schedule", "DistppError", "ConfigError", "InputError", "BackendUnavailableError", "WeightsNotFoundError",
     "CacheError", "CaptureError", "__version__",
 ]
