@@ -1,0 +1,201 @@
+"""The gmm lab: exact models, metrics, sampler wiring and the Distillation++ measurement."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from distpp import ConfigError, Sampler, SamplerConfig
+from distpp.lab import gmm
+from distpp.lab.metrics import energy_distance, frechet_distance, mode_stats, paired_effect, sliced_wasserstein
+from distpp.lab.mixture import (MixtureTeacher, OdeMapStudent, abar_at, class_cond, null_cond, ode_map, perturbed,
+                                posterior_mean, ring_mixture, sample_mixture)
+from distpp.sampler import GUIDANCE_SEED_OFFSET
+from distpp.schedules import build_schedule
+
+ACP = build_schedule("ddim", 1).alphas_cumprod
+
+
+def single_gaussian(d=3, std=0.3):
+    mix = ring_mixture(d=d, modes=1, n_classes=1, radius=1.0, std=std)
+    return mix
+
+
+def test_posterior_mean_and_ode_map_match_single_gaussian_closed_form():
+    mix = single_gaussian()
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(50, 3, generator=g, dtype=torch.float64)
+    abar = torch.rand(50, generator=g, dtype=torch.float64) * 0.9 + 0.05
+    w = mix.class_weights[torch.zeros(50, dtype=torch.long)]
+    mu, v = mix.means[0], mix.stds[0] ** 2
+    a, s2 = abar.sqrt()[:, None], 1 - abar[:, None]
+    want = mu + a * v / (a * a * v + s2) * (x - a * mu)
+    torch.testing.assert_close(posterior_mean(x, abar, mix, w), want, rtol=1e-12, atol=1e-12)
+    # PF-ODE of a Gaussian is linear: x0 = mu + std / sqrt(std^2 + sigma^2) * (x/a - mu).
+    sig2 = s2 / (a * a)
+    want = mu + (v / (v + sig2)).sqrt() * (x / a - mu)
+    torch.testing.assert_close(ode_map(x, abar, mix, w, steps=200), want, rtol=0, atol=5e-4)
+
+
+def test_ode_map_transports_noised_mixture_to_the_mixture():
+    mix = ring_mixture()
+    g = torch.Generator().manual_seed(2)
+    lab = torch.zeros(1500, dtype=torch.long)
+    x0 = sample_mixture(mix, lab, g)
+    ab = ACP[499].double().expand(1500)
+    xt = ab.sqrt()[:, None] * x0 + (1 - ab).sqrt()[:, None] * torch.randn(x0.shape, generator=g, dtype=torch.float64)
+    y = ode_map(xt, ab, mix, mix.class_weights[lab], steps=60)
+    ref = sample_mixture(mix, lab, torch.Generator().manual_seed(3))
+    assert abs(energy_distance(y, ref)) < 0.002
+    coarse = ode_map(xt, ab, mix, mix.class_weights[lab], steps=30)
+    assert (coarse - y).abs().max() < 2e-2  # second order: 30 vs 60 steps already agree to ~1% of a mode gap
+
+
+def test_abar_interpolation_hits_table_at_integers():
+    t = torch.tensor([0.0, 249.0, 999.0, 249.5])
+    ab = abar_at(t, ACP)
+    assert torch.equal(ab[:3], ACP.double()[[0, 249, 999]])
+    assert ACP[250] < ab[3] < ACP[249]
+
+
+def test_metrics_truth_near_zero_and_broken_worse():
+    mix = ring_mixture()
+    lab = torch.zeros(2000, dtype=torch.long)
+    x = sample_mixture(mix, lab, torch.Generator().manual_seed(0))
+    y = sample_mixture(mix, lab, torch.Generator().manual_seed(1))
+    # Fully leaking "sampler": half its samples in the other class's modes.
+    bad = sample_mixture(perturbed(mix, leak=1.0), lab, torch.Generator().manual_seed(2))
+    ed_true, ed_bad = energy_distance(x, y), energy_distance(bad, y)
+    # Unbiased estimate: 40 replicate pairs at n=400 gave mean 0.0008, sd 0.0057 (so ~0.0026 at n=2000).
+    assert abs(ed_true) < 0.008 and ed_bad > 0.02
+    assert sliced_wasserstein(bad, y) > 2 * sliced_wasserstein(x, y)
+    st = mode_stats(x, mix.means, mix.stds, mix.class_weights[0], mix.mode_class, 0)
+    assert st["accuracy"] > 0.998 and st["coverage"] == 1.0 and st["mode_weight_tv"] < 0.05 and st["in_mode"] > 0.99
+    sb = mode_stats(bad, mix.means, mix.stds, mix.class_weights[0], mix.mode_class, 0)
+    assert 0.44 < sb["accuracy"] < 0.56 and sb["mode_weight_tv"] > 0.4
+    # Energy distance of two Gaussians N(0,1) vs N(m,1) in 1-D has a closed form.
+    g = torch.Generator().manual_seed(5)
+    a = torch.randn(3000, 1, generator=g, dtype=torch.float64)
+    b = torch.randn(3000, 1, generator=g, dtype=torch.float64) + 1.0
+    # X - Y ~ N(1, 2): E|X - Y| = 2 sqrt(2) pdf_N(0,1)(1/sqrt 2) + erf(1/2); E|X - X'| = 2/sqrt(pi).
+    exy = 2 * math.sqrt(2) * math.exp(-0.25) / math.sqrt(2 * math.pi) + math.erf(0.5)
+    want = 2 * exy - 2 * 2 / math.sqrt(math.pi)
+    assert abs(energy_distance(a, b) - want) < 0.03
+    f = np.random.default_rng(0).normal(size=(500, 4))
+    assert abs(frechet_distance(f, f)) < 1e-6
+    assert frechet_distance(f, f + 1.0) == pytest.approx(4.0, rel=1e-6)
+    eff = paired_effect([1.0, 2.0, 3.0], [0.5, 1.4, 2.6])
+    assert eff["delta_mean"] == pytest.approx(-0.5) and eff["d_z"] < 0
+
+
+def test_guided_step_through_sampler_matches_hand_computation():
+    """One guided DMD2-style step (lam=1: x0 replaced by the CFG teacher's estimate) then a plain last step."""
+    mix = ring_mixture()
+    T, S = MixtureTeacher(mix, ACP), OdeMapStudent(perturbed(mix, leak=0.3), ACP, 40)
+    B, lab = 6, torch.arange(6) % 2
+    sc = SamplerConfig(family="dmd2", timesteps=(749, 499), guided_steps=1, lam=1.0, cfg=3.0,
+                       prediction_type="sample", kernel_impl="torch")
+    out = Sampler(S, T, sc).sample(class_cond(lab, 2), uncond=null_cond(1, 2), latent_shape=(2, 1, 1),
+                                   seeds=list(range(B)))
+    a, s = ACP[499].double().sqrt(), (1 - ACP[499].double()).sqrt()
+    want = []
+    for b in range(B):
+        g, gg = torch.Generator().manual_seed(b), torch.Generator().manual_seed(b + GUIDANCE_SEED_OFFSET)
+        x, z, n = torch.randn(1, 2, 1, 1, generator=g), torch.randn(1, 2, 1, 1, generator=g), torch.randn(1, 2, 1, 1, generator=gg)
+        c = class_cond(lab[b:b + 1], 2)
+        xs = a * S(x, torch.tensor([749.0]), c).double() + s * n
+        eu, ec = T(xs, torch.tensor([499.0]), null_cond(1, 2)), T(xs, torch.tensor([499.0]), c)
+        x0t = (xs - s * (eu + 3.0 * (ec - eu))) / a
+        want.append(S((a * x0t + s * z).float(), torch.tensor([499.0]), c))
+    torch.testing.assert_close(out, torch.cat(want), rtol=1e-5, atol=1e-5)
+
+
+def _mini(**kw):
+    base = dict(families=("dmd2",), samples=600, ref_samples=600, seeds=3, ode_steps=40, lams=(0.3,), guided=(2,),
+                cfgs=(7.5,), rules=("next",), teacher_steps=0)
+    base.update(kw)
+    return gmm.GmmLabConfig(**base)
+
+
+def test_mini_lab_runs_and_is_seed_paired(tmp_path):
+    cfg = _mini(families=("lcm", "euler"), samples=200, ref_samples=200, seeds=2, ode_steps=20, teacher_steps=50,
+                cfgs=(1.0, 7.5), rules=("next", "same", "random"))
+    res = gmm.run_gmm(cfg, log=lambda s: None)
+    names = [r["name"] for r in res["rows"]]
+    assert names[0] == "true samples (floor)" and any("ceiling" in n for n in names)
+    rows = {r["name"]: r for r in res["rows"]}
+    floor, ceiling = rows["true samples (floor)"], rows["teacher ddim 50 steps w=1 (ceiling)"]
+    student = rows["lcm student"]
+    assert abs(floor["energy"]["mean"]) < 5e-3 and floor["accuracy"]["mean"] > 0.995
+    assert ceiling["accuracy"]["mean"] > 0.97
+    assert student["energy"]["mean"] > floor["energy"]["mean"] + 1e-3 and student["accuracy"]["mean"] < 0.92
+    assert all("effect" in r for r in res["rows"] if r["setting"] and r["setting"]["guided"] > 0)
+    paths = gmm.write_outputs(res, tmp_path)
+    assert paths["json"].stat().st_size > 0 and paths["png"].stat().st_size > 1000
+    # lam = 0 is the plain student, sample for sample (same seeds).
+    mix = ring_mixture()
+    T, S = MixtureTeacher(mix, ACP), OdeMapStudent(perturbed(mix, leak=0.3), ACP, 20)
+    plain = gmm.run_setting(gmm.make_sampler(gmm.Setting("lcm", 0, 0.0, 7.5, "next"), S, T, 4), mix, 50, 1)[0]
+    zero = gmm.run_setting(gmm.make_sampler(gmm.Setting("lcm", 2, 0.0, 7.5, "next"), S, T, 4), mix, 50, 1)[0]
+    torch.testing.assert_close(plain, zero, rtol=0, atol=1e-6)
+
+
+@pytest.fixture(scope="module")
+def mini_result():
+    return gmm.run_gmm(_mini(), log=lambda s: None)
+
+
+def test_leaky_student_measured_effect_of_guidance(mini_result):
+    """What the exact model measures at G=2, lam=0.3, w=7.5 (dmd2, 30% leakage): the unguided student is
+    clearly off the target, and guidance moves energy distance by little compared with that gap; it
+    never makes things worse by more than its seed spread. (The large gain ALGORITHM.md reports is the
+    next test, expected to fail.)"""
+    res = mini_result
+    rows = {r["name"]: r for r in res["rows"]}
+    base, guided = rows["dmd2 student"], rows["dmd2 ++ G=2 lam=0.3 w=7.5 next"]
+    floor = rows["true samples (floor)"]
+    gap = base["energy"]["mean"] - floor["energy"]["mean"]
+    assert gap > 2e-3 and base["accuracy"]["mean"] < 0.9
+    eff = guided["effect"]["energy"]
+    assert eff["delta_mean"] < 2 * eff["delta_std"] + 1e-4
+    assert abs(eff["delta_mean"]) < 0.5 * gap
+
+
+@pytest.mark.xfail(strict=True, reason="ALGORITHM.md's reference (0.050 -> 0.007, acc 0.82 -> 0.92) is not "
+                   "reproduced by this exact ODE-map student: its unguided final step from t=249 (sigma 0.69 vs "
+                   "mode spacing 0.77) re-maps any input to its own leaky distribution; see README 'Quality lab'")
+def test_distillation_pp_clearly_reduces_energy_and_raises_accuracy(mini_result):
+    res = mini_result
+    rows = {r["name"]: r for r in res["rows"]}
+    base, guided = rows["dmd2 student"], rows["dmd2 ++ G=2 lam=0.3 w=7.5 next"]
+    eff = guided["effect"]["energy"]
+    assert eff["delta_mean"] < -max(3 * eff["delta_std"], 0.3 * base["energy"]["mean"])
+    assert guided["accuracy"]["mean"] > base["accuracy"]["mean"] + 0.03
+
+
+@pytest.mark.parametrize("kw", [dict(d=0), dict(steps=0), dict(lams=(1.5,)), dict(lams=(-0.1,)), dict(sweep_lam=2.0),
+                                dict(families=("nope",)), dict(guided=(5,)), dict(rules=("late",)), dict(leak=1.2)])
+def test_bad_settings_raise_config_error(kw):
+    with pytest.raises(ConfigError):
+        gmm.GmmLabConfig(**kw)
+
+
+def test_bad_mixture_and_model_settings():
+    with pytest.raises(ConfigError):
+        ring_mixture(d=0)
+    with pytest.raises(ConfigError):
+        OdeMapStudent(ring_mixture(), ACP, ode_steps=0)
+    with pytest.raises(ConfigError):
+        perturbed(ring_mixture(), leak=-0.5)
+
+
+def test_cli_gmm_miniature(tmp_path, capsys):
+    from distpp.lab.__main__ import main
+
+    rc = main(["gmm", "--families", "dmd2", "--samples", "40", "--seeds", "2", "--ode-steps", "5", "--lams", "0.3",
+               "--guided", "1", "--cfgs", "7.5", "--rules", "next", "--teacher-steps", "0", "--out", str(tmp_path)])
+    assert rc == 0 and (tmp_path / "gmm.json").exists() and (tmp_path / "gmm.png").exists()
+    assert "dmd2 student" in capsys.readouterr().out
+    with pytest.raises(ConfigError):
+        main(["gmm", "--d", "0", "--out", str(tmp_path)])
