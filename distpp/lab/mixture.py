@@ -141,6 +141,18 @@ def posterior_mean(x: torch.Tensor, abar: torch.Tensor, mix: Mixture, w: torch.T
     return (r[..., None] * post).sum(1)
 
 
+def class_posterior(x: torch.Tensor, abar: torch.Tensor, mix: Mixture) -> torch.Tensor:
+    """P(class | x_t = x) under the unconditional mixture, [b, n_classes] float64, for VP input x [b, d] at
+    levels abar [b]: how much a noised sample still says about its class (1/n_classes = nothing left, so
+    the class-conditional and unconditional denoisers agree there and CFG has nothing to amplify)."""
+    b = x.shape[0]
+    a, s2 = abar.sqrt(), 1.0 - abar
+    var = a[:, None] ** 2 * mix.stds.pow(2)[None] + s2[:, None]
+    r, _ = _log_resp(x, mix, mix.class_weights[-1].expand(b, -1), var, a)
+    onehot = torch.nn.functional.one_hot(mix.mode_class, mix.n_classes).to(F64)  # [K, n_classes]
+    return r @ onehot
+
+
 def _ode_velocity(y: torch.Tensor, sigma: torch.Tensor, mix: Mixture, w: torch.Tensor) -> torch.Tensor:
     """dy/dsigma of the probability-flow ODE in VE variables y = x/a, sigma = s/a: (y - D(y, sigma))/sigma,
     written as sigma * sum_k r_k (y - mu_k) / (std_k^2 + sigma^2), which stays finite at sigma = 0."""
