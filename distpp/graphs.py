@@ -39,7 +39,7 @@ import torch
 from .denoiser import Cond
 from .errors import CaptureError, ConfigError, InputError
 from .ops import FusedOps
-from .sampler import Plan, Sampler, run_loop
+from .sampler import Plan, Sampler, device_guard, run_loop
 
 ON_MISS = ("capture", "eager", "error")
 # (Plan field, batch axis, halves): t_teacher and cond_t hold [uncond B; cond B] rows.
@@ -205,7 +205,8 @@ def capture_cuda(run: Callable[[], object], warmup_iters: int = 2):
             run()
     torch.cuda.current_stream().wait_stream(side)
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
+    # thread_local: another thread's prepare (allocations, copies on its own stream) may run meanwhile
+    with torch.cuda.graph(graph, capture_error_mode="thread_local"):
         run()
     return graph.replay, graph
 
@@ -277,13 +278,17 @@ class GraphRunner:
         """Sample like ``Sampler.sample(cond, **kw)``; returns [B, C, H, W] float32 latents.
 
         copy:  True (default) returns a new tensor; False returns a view of the static output buffer,
-               valid until the next call of this runner with the same key.
+               valid until the next call served by the same static buffers (the same key, or with
+               ``pad=True`` a smaller batch padded into that key).
+        Calls from several threads are serialized by a lock that orders the host-side work; on CUDA they
+        must enqueue on the same stream (the default), which orders the buffer copies and replays.
         timer: optional StageTimer; graph replays are lapped as stage "graph" (eager entries lap per
                stage as run_loop does), prepare + buffer copies as "other".
         Other keyword arguments are those of Sampler.sample (uncond, latent_shape, noise, seeds, lam, ...).
         """
-        plan = self.sampler.prepare(cond, **kw)
-        return self._run(plan, copy=copy, timer=timer)
+        with device_guard(self.sampler.device):
+            plan = self.sampler.prepare(cond, **kw)
+            return self._run(plan, copy=copy, timer=timer)
 
     def warmup(self, cond: Cond, *, batch_sizes: Iterable[int] | None = None, **kw) -> list[GraphKey]:
         """Capture (or, off CUDA, build the buffers of) the graphs for ``batch_sizes`` (default: cond's
@@ -298,7 +303,7 @@ class GraphRunner:
         for b in sizes:
             cb = cond.map(lambda v: v[:1].expand((b,) + tuple(v.shape[1:])).contiguous())
             plan = self.sampler.prepare(cb, seeds=list(range(b)), **kw)
-            with self._lock:
+            with self._lock, device_guard(self.sampler.device):
                 key = self._key(plan)
                 self._entry(key, plan, allow_pad=False, on_miss="capture")
             keys.append(key)
@@ -316,9 +321,9 @@ class GraphRunner:
             if entry is None:  # on_miss="eager": the call's own buffers, nothing cached
                 self.stats.eager_runs += 1
                 with torch.inference_mode():
-                    out = run_loop(self.sampler.student, self.sampler.teacher, self.ops, self.sampler.schedule,
-                                   plan, timer)
-                return out.clone() if copy else out
+                    # plan.x belongs to this call alone: no copy needed either way
+                    return run_loop(self.sampler.student, self.sampler.teacher, self.ops, self.sampler.schedule,
+                                    plan, timer)
             if entry.key.batch != B:
                 self.stats.padded_calls += 1
             with torch.inference_mode():
@@ -369,19 +374,24 @@ class GraphRunner:
         if self.use_cuda_graphs and key not in self._eager_keys:
             s = self.sampler
             t0 = time.perf_counter()
+            failure = None
             try:
                 with torch.inference_mode():
                     entry.run, entry.graph = capture_cuda(
                         lambda: run_loop(s.student, s.teacher, self.ops, s.schedule, static), self.warmup_iters)
             except Exception as e:  # noqa: BLE001 - classified below, never swallowed silently
+                failure = e
+            if failure is not None:
                 entry.graph = None
                 entry.run = lambda: self._run_eager(static)
-                if torch.cuda.is_available():
-                    torch.cuda.empty_cache()
-                if not _is_oom(e):
-                    raise CaptureError(f"capturing the sampling loop for {key} failed: {e}. The loop must run "
-                                       "without host syncs or CPU tensors in the models; or pass graphs=False"
-                                       ) from e
+                if not _is_oom(failure):
+                    raise CaptureError(f"capturing the sampling loop for {key} failed: {failure}. The loop must "
+                                       "run without host syncs or CPU tensors in the models; or pass graphs=False"
+                                       ) from failure
+                # the traceback's frames hold the half-captured graph and its pool: drop them, then free
+                failure.__traceback__ = None
+                failure = None
+                torch.cuda.empty_cache()
                 self._eager_keys.add(key)
                 self.stats.oom_fallbacks += 1
                 warnings.warn(f"distpp: out of GPU memory while capturing the CUDA graph for {key}; this shape "

@@ -7,6 +7,8 @@ math, no syncs, no allocations of its own). The graph runner captures ``run_loop
 
 from __future__ import annotations
 
+import contextlib
+import numbers
 import operator
 from dataclasses import dataclass
 from typing import Any, Sequence
@@ -101,6 +103,12 @@ def _checked(who: str, m, like: torch.Tensor) -> torch.Tensor:
     return m
 
 
+def device_guard(device: torch.device):
+    """Make ``device`` the current CUDA device for the block: Triton launches, the C library's stream and
+    graph captures all follow the current device, not the tensors' (a no-op off CUDA)."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+
 def make_generators(seeds: Sequence[int], device: torch.device | str, offset: int = 0) -> list[torch.Generator]:
     return [torch.Generator(device=device).manual_seed(int(s) + offset) for s in seeds]
 
@@ -148,7 +156,7 @@ class Sampler:
             self.schedule = build_schedule(config.family, config.steps, timesteps=config.timesteps,
                                            prediction_type=config.prediction_type,
                                            scheduler_config=config.scheduler_config, device=self.device)
-        except (ValueError, TypeError) as e:  # diffusers' own checks, e.g. LCM steps > original_inference_steps
+        except ValueError as e:  # diffusers' own checks, e.g. LCM steps > original_inference_steps
             if isinstance(e, ConfigError):
                 raise
             raise ConfigError(f"the {config.family} scheduler refused this config: {e}") from e
@@ -181,11 +189,12 @@ class Sampler:
         lam, cfg:      per-call overrides, a float or one per sample.
         timer:         optional StageTimer for per-stage timings.
         """
-        plan = self.prepare(cond, uncond=uncond, teacher_cond=teacher_cond, teacher_uncond=teacher_uncond,
-                            latent_shape=latent_shape, noise=noise, seeds=seeds, generators=generators,
-                            guidance_generators=guidance_generators, lam=lam, cfg=cfg)
-        with torch.inference_mode():
-            return run_loop(self.student, self.teacher, self.ops, self.schedule, plan, timer)
+        with device_guard(self.device):
+            plan = self.prepare(cond, uncond=uncond, teacher_cond=teacher_cond, teacher_uncond=teacher_uncond,
+                                latent_shape=latent_shape, noise=noise, seeds=seeds, generators=generators,
+                                guidance_generators=guidance_generators, lam=lam, cfg=cfg)
+            with torch.inference_mode():
+                return run_loop(self.student, self.teacher, self.ops, self.schedule, plan, timer)
 
     # ------------------------------------------------------------------------------------------------
     def prepare(self, cond: Cond, *, uncond=None, teacher_cond=None, teacher_uncond=None, latent_shape=None,
@@ -230,7 +239,7 @@ class Sampler:
         x = torch.empty(shape, **f32)
         z = torch.empty((N,) + tuple(shape), **f32)
         n = torch.empty((G,) + tuple(shape), **f32)
-        levels = torch.empty((G, B), dtype=torch.int64)
+        levels = torch.empty((G, B), dtype=torch.int64, device=dev)  # on the device: no host read of a draw
         for b in range(B):
             g = gens[b]
             if noise is None:
@@ -242,7 +251,7 @@ class Sampler:
             for k in range(G):
                 if cfgs.teacher_rule == "random":
                     lo, hi = sch.level_bounds[k]
-                    levels[k, b] = int(torch.randint(lo, hi + 1, (1,), generator=gg, device=gg.device)[0])
+                    levels[k, b] = torch.randint(lo, hi + 1, (1,), generator=gg, device=gg.device)[0].to(dev)
                 n[k, b] = torch.randn(per, generator=gg, device=gg.device, dtype=torch.float32)[0].to(dev)
         if noise is not None:
             x.copy_(noise)
@@ -250,7 +259,7 @@ class Sampler:
         x_in = (x * sch.c_in[0]).to(self.dtype)
 
         if cfgs.teacher_rule == "random" and G > 0:
-            lv = levels.to(dev)
+            lv = levels
             abar = sch.alphas_cumprod.double()[lv]
             gcoef = teacher_coefficients(abar, cfgs.teacher_prediction_type).float().contiguous()
             t_teacher = lv.float()
@@ -264,7 +273,7 @@ class Sampler:
         if cond_t is not None:
             cond_t = prepare_cond(self.teacher, cond_t.to(dev, self.teacher_dtype))
         return Plan(x=x, x_in=x_in, z=z, n=n, t_in=t_in, gcoef=gcoef, t_student=t_student, t_teacher=t_teacher,
-                    lam=lam_v.to(dev), cfg=cfg_v.to(dev), cond_s=cond_s, cond_t=cond_t, guided_steps=G)
+                    lam=_to_device(lam_v, dev), cfg=_to_device(cfg_v, dev), cond_s=cond_s, cond_t=cond_t, guided_steps=G)
 
     # ------------------------------------------------------------------------------------------------
     def _latent_shape(self, B, latent_shape, noise, spec: ModelSpec) -> tuple[int, ...]:
@@ -318,12 +327,39 @@ class Sampler:
         return make_generators(seeds, self.device), make_generators(seeds, self.device, GUIDANCE_SEED_OFFSET)
 
 
+def _is_scalar(a: Any) -> bool:
+    """A real number: Python, numpy or a 0-d tensor/array (bools are not numbers here)."""
+    if isinstance(a, bool):
+        return False
+    return isinstance(a, numbers.Real) or (isinstance(a, torch.Tensor) and a.dim() == 0
+                                           and not a.dtype.is_complex and a.dtype != torch.bool) \
+        or (type(a).__module__ == "numpy" and getattr(a, "ndim", None) == 0 and getattr(a, "dtype", None) is not None
+            and a.dtype.kind in "iuf")
+
+
 def _per_sample(name: str, v: Any, B: int, check) -> torch.Tensor:
-    vals = [v] * B if isinstance(v, (int, float)) else list(v)
+    """[B] float32 host tensor of checked per-sample values from a number or one value per sample."""
+    if _is_scalar(v):
+        vals = [v] * B
+    elif isinstance(v, (str, bytes)):
+        raise InputError(f"{name} must be a number or one value per sample ({B}), got the string {v!r}")
+    else:
+        try:
+            vals = list(v)
+        except TypeError:
+            raise InputError(f"{name} must be a number or one value per sample ({B}), got {type(v).__name__}") \
+                from None
     if len(vals) != B:
         raise InputError(f"{name} must be a number or one value per sample ({B}), got {len(vals)} values")
-    return torch.tensor([check(float(a)) if isinstance(a, (int, float)) else check(a) for a in vals],
-                        dtype=torch.float32)
+    return torch.tensor([check(float(a)) if _is_scalar(a) else check(a) for a in vals], dtype=torch.float32)
+
+
+def _to_device(t: torch.Tensor, dev: torch.device) -> torch.Tensor:
+    """Host tensor -> ``dev`` without waiting on the stream (a pageable copy would synchronize it, so a
+    call could not be prepared while the previous one still runs)."""
+    if dev.type == "cuda":
+        return t.pin_memory().to(dev, non_blocking=True)
+    return t.to(dev)
 
 
 def _check_device_dtype(who: str, spec: ModelSpec, device: torch.device, dtype: torch.dtype) -> None:

@@ -203,3 +203,22 @@ def test_load_unet_routes_hub_ids_and_paths(monkeypatch, tmp_path):
     with pytest.raises(WeightsNotFoundError):
         load_unet(str(load_dir))
     assert seen == ["org/student", str(load_dir)]
+
+
+def test_lam_and_cfg_take_numpy_and_tensor_values():
+    """Per-call lam / cfg as numpy scalars, 0-d tensors or per-sample arrays give the float result."""
+    import numpy as np
+
+    s, st, tt = sampler(guided_steps=1)
+    cond, uncond = gaussian_conds(2)
+    kw = dict(uncond=uncond, latent_shape=(4, 8, 8), seeds=[3, 4])
+    ref = s.sample(cond, lam=0.25, cfg=3.0, **kw)
+    other = s.sample(cond, lam=0.5, cfg=3.0, **kw)
+    assert (ref - other).abs().max() > 0  # the values matter, so equality below means they were read
+    for lam, cfg in ((np.float32(0.25), np.float64(3.0)), (torch.tensor(0.25), torch.tensor(3)),
+                     (np.array([0.25, 0.25]), torch.tensor([3.0, 3.0])), ([np.float64(0.25), torch.tensor(0.25)], 3)):
+        assert torch.equal(s.sample(cond, lam=lam, cfg=cfg, **kw), ref), (type(lam), type(cfg))
+    with pytest.raises(ConfigError, match="lam must be in"):
+        s.sample(cond, lam=torch.tensor(1.5), **kw)
+    with pytest.raises(InputError, match="got the string"):
+        s.sample(cond, lam="0.1", **kw)
