@@ -329,7 +329,8 @@ def main(argv=None) -> int:
         return 2
     from .telemetry import Telemetry
 
-    tel = Telemetry(device.index or 0) if device.type == "cuda" else None
+    tel = Telemetry(device.index if device.index is not None else torch.cuda.current_device()) \
+        if device.type == "cuda" else None
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     try:
@@ -350,7 +351,8 @@ def main(argv=None) -> int:
     settings["graph_capture_s"] = sum(rn.stats.capture_s for rn in runners.values())
     if tel is not None:
         peak = torch.cuda.max_memory_allocated(device) / 2**20
-        telemetry = tel.summary(images=args.batch * repeats * len(variants), peak_allocated_mb=peak)
+        # the sampling window spans warm-ups (and graph captures) too: divide by every image made in it
+        telemetry = tel.summary(images=args.batch * (args.warmup + repeats) * len(variants), peak_allocated_mb=peak)
     else:
         telemetry = {"available": False, "reason": f"no NVML telemetry on device type {device.type!r}"}
     print(f"distpp.bench  preset={settings['preset']} family={settings['family']} steps={settings['steps']} "

@@ -38,8 +38,21 @@ def _s(v) -> str:
     return v.decode() if isinstance(v, bytes) else str(v)
 
 
+def nvml_handle(nv, cuda_index: int):
+    """(handle, how): the NVML handle of CUDA device ``cuda_index``, matched by UUID (NVML numbers the
+    cards of the whole machine, CUDA only those in CUDA_VISIBLE_DEVICES, possibly reordered); by index
+    where the UUID is not available (old torch, MIG slices)."""
+    try:
+        import torch
+
+        uuid = str(torch.cuda.get_device_properties(cuda_index).uuid)
+        return nv.nvmlDeviceGetHandleByUUID("GPU-" + uuid), "uuid"
+    except Exception:  # noqa: BLE001 - no uuid attribute, no CUDA, or NVML cannot find it: fall back
+        return nv.nvmlDeviceGetHandleByIndex(int(cuda_index)), "index"
+
+
 class Telemetry:
-    """NVML readings of one GPU (index as NVML numbers it; CUDA_VISIBLE_DEVICES is not remapped).
+    """NVML readings of one GPU, given by its CUDA index (matched to NVML's numbering by UUID).
 
     interval_s: sampling period of the background thread (default 50 ms: a 4-step SD1.5 call on an
                 H100 is tens of ms, so a run of repeats gets hundreds of samples).
@@ -56,13 +69,14 @@ class Telemetry:
         try:
             nv = _nvml()
             nv.nvmlInit()
-            self._nv, self._h = nv, nv.nvmlDeviceGetHandleByIndex(int(device_index))
+            self._h, how = nvml_handle(nv, int(device_index))
+            self._nv = nv
             # renamed "clocks event reasons" in newer NVML; same bits
             self._reasons = getattr(nv, "nvmlDeviceGetCurrentClocksEventReasons", None) \
                 or nv.nvmlDeviceGetCurrentClocksThrottleReasons
             self.info = {"gpu_name": _s(nv.nvmlDeviceGetName(self._h)),
                          "driver": _s(nv.nvmlSystemGetDriverVersion()),
-                         "memory_total_mb": nv.nvmlDeviceGetMemoryInfo(self._h).total / 2**20}
+                         "memory_total_mb": nv.nvmlDeviceGetMemoryInfo(self._h).total / 2**20, "matched_by": how}
         except ImportError as e:
             self.error = f"nvidia-ml-py is not installed ({e}); pip install 'distpp[nvml]'"
         except Exception as e:  # noqa: BLE001 - pynvml raises NVMLError subclasses for missing drivers/GPUs
