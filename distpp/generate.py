@@ -65,6 +65,8 @@ def resolve(args: argparse.Namespace) -> dict:
                     guided_steps=args.guided_steps, lam=args.lam, cfg=args.cfg, student_weights=args.student_weights,
                     vae=args.vae, upcast_vae=args.upcast_vae, local_files_only=args.offline, device=args.device,
                     dtype=DTYPES[args.dtype] if args.dtype else None)
+    if args.pair and args.student is not None and args.student_weights is None:
+        kw.pop("student_weights", None)  # the pair's weight file belongs to the pair's student, not this one
     kw.update({k: v for k, v in explicit.items() if v is not None})
     missing = [k for k in ("student", "teacher", "family") if kw.get(k) is None]
     if missing:

@@ -25,6 +25,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import warnings
 from collections import OrderedDict
 from dataclasses import dataclass, replace
 from typing import Any, Callable, Sequence
@@ -32,9 +33,10 @@ from typing import Any, Callable, Sequence
 import torch
 
 from .config import SamplerConfig
-from .denoiser import Cond, UNetDenoiser
+from .denoiser import Cond, ModelSpec, UNetDenoiser
 from .errors import ConfigError, InputError, WeightsNotFoundError
-from .sampler import Sampler
+from .sampler import Sampler, _check_device_dtype
+from .schedules import build_schedule
 
 STUDENT_KINDS = ("auto", "pipeline", "unet", "unet_file", "lora")
 LORA_FILE = "pytorch_lora_weights.safetensors"
@@ -91,7 +93,8 @@ def _offline(local_files_only: bool | None) -> bool:
 
 
 def _is_local(ref: str) -> bool:
-    """A path that exists, or one that cannot be a Hub id ("owner/name" or "name")."""
+    """A path that exists, or one that cannot be a Hub id ("owner/name" or "name"); ``ref`` is expanded
+    (``~``) by ``Pipeline.from_pretrained`` before it gets here."""
     ref = str(ref)
     return (os.path.exists(ref) or ref.startswith(("/", ".", "~")) or ref.count("/") > 1
             or (os.sep != "/" and os.sep in ref))
@@ -111,12 +114,12 @@ def _fetch(ref: str, filename: str, subfolder: str | None, offline: bool) -> str
 
     try:
         return hf_hub_download(ref, filename, subfolder=subfolder, local_files_only=offline)
-    except EntryNotFoundError:
-        return None
-    except LocalEntryNotFoundError:
+    except LocalEntryNotFoundError:  # a subclass of EntryNotFoundError: must come first
         if offline:
             return None
         raise WeightsNotFoundError(f"could not reach the Hub for {ref!r}; pass a local folder or pre-download it")
+    except EntryNotFoundError:
+        return None
     except RepositoryNotFoundError as e:
         raise WeightsNotFoundError(f"no Hub repository {ref!r}; pass a local folder or an existing Hub id") from e
     except OSError as e:
@@ -334,11 +337,18 @@ class Pipeline:
         """
         if student_kind not in STUDENT_KINDS:
             raise ConfigError(f"unknown student_kind {student_kind!r}; pass one of {', '.join(STUDENT_KINDS)}")
-        # Family and sampler settings first: nothing loads for a config that cannot run.
+        student, teacher = os.path.expanduser(str(student)), os.path.expanduser(str(teacher))
+        if isinstance(vae, (str, os.PathLike)):
+            vae = os.path.expanduser(str(vae))
+        # Family, sampler settings, device and dtype first: nothing loads for a config that cannot run.
         config = SamplerConfig(family=family, **sampler_kwargs)
         offline = _offline(local_files_only)
-        device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
+        try:
+            device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
+        except (RuntimeError, TypeError) as e:
+            raise ConfigError(f"device {device!r} is not a torch device ({e}); pass 'cpu' or 'cuda'") from e
         dtype = dtype or (torch.float16 if device.type == "cuda" else torch.float32)
+        _check_device_dtype("pipeline", ModelSpec(), device, dtype)
 
         index = _read_json(teacher, "model_index.json", None, offline, "teacher (a diffusers pipeline folder)")
         t_unet_cfg = _read_json(teacher, "config.json", "unet", offline, "teacher UNet")
@@ -355,12 +365,18 @@ class Pipeline:
                 raise ConfigError("student_kind='unet_file' needs student_weights='<file in the student repo>'")
             s_unet_cfg = dict(t_unet_cfg)
         t_sched = _read_json_or_empty(teacher, "scheduler_config.json", "scheduler", offline)
+        if teacher_prediction_type is None and "prediction_type" not in t_sched:
+            warnings.warn(f"the teacher {teacher!r} has no scheduler/scheduler_config.json with a prediction_type "
+                          "(not in the local cache offline?); assuming 'epsilon'. Pass teacher_prediction_type= "
+                          "for a v-prediction teacher", stacklevel=2)
         teacher_prediction_type = teacher_prediction_type or t_sched.get("prediction_type", "epsilon")
         if prediction_type is None:
             s_sched = _read_json_or_empty(student, "scheduler_config.json", "scheduler", offline) \
                 if kind == "pipeline" else {}
             prediction_type = s_sched.get("prediction_type", "epsilon")
         config = replace(config, prediction_type=prediction_type, teacher_prediction_type=teacher_prediction_type)
+        build_schedule(config.family, config.steps, timesteps=config.timesteps, prediction_type=prediction_type,
+                       scheduler_config=config.scheduler_config)  # e.g. LCM steps > 50: refused before loading
 
         sdxl = _has(index, "text_encoder_2")
         enc_names = ("text_encoder", "text_encoder_2") if sdxl else ("text_encoder",)

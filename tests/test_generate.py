@@ -62,6 +62,12 @@ def test_known_pair_fills_defaults_and_options_override():
     k = KNOWN_PAIRS["sdxl-lightning"]
     assert kw["student"] == k.student and kw["teacher"] == k.teacher and kw["family"] == "euler"
     assert kw["student_weights"] == k.student_weights and kw["lam"] == 0.2 and kw["guided_steps"] == 1
+    # another student replaces the pair's weight file too, unless one is named for it
+    kw = resolve(parse_args(["--prompt", "x", "--pair", "sdxl-lightning", "--student", "./mine"]))
+    assert kw["student"] == "./mine" and "student_weights" not in kw
+    kw = resolve(parse_args(["--prompt", "x", "--pair", "sdxl-lightning", "--student", "./mine",
+                             "--student-weights", "w.safetensors"]))
+    assert kw["student_weights"] == "w.safetensors"
 
 
 def test_generate_errors_exit_2(repos, tmp_path, capsys):

@@ -329,6 +329,38 @@ def test_unknown_family_is_refused_before_anything_loads(tmp_path):
         Pipeline.from_pretrained(student="a", teacher="b", family="lcm", student_kind="ckpt")
 
 
+def test_device_dtype_and_schedule_are_refused_before_any_weights_load(monkeypatch, tmp_path, repos):
+    import distpp.pipeline as pl
+
+    def no_loading(*a, **k):
+        raise AssertionError("weights were loaded for a config that cannot run")
+
+    monkeypatch.setattr(pl, "_load_unet", no_loading)
+    with pytest.raises(ConfigError, match="float16 is not supported on CPU"):
+        Pipeline.from_pretrained(student=str(tmp_path / "nope"), teacher=str(tmp_path / "nope"), family="lcm",
+                                 device="cpu", dtype=torch.float16)
+    with pytest.raises(ConfigError, match="lcm scheduler refused"):
+        Pipeline.from_pretrained(student=repos["sd_lcm"], teacher=repos["sd_teacher"], family="lcm", steps=60,
+                                 local_files_only=True)
+
+
+def test_home_relative_paths_are_expanded(monkeypatch, repos):
+    home = os.path.dirname(repos["sd_lcm"])
+    monkeypatch.setenv("HOME", home)
+    pipe = Pipeline.from_pretrained(student="~/sd_lcm", teacher="~/sd_teacher", family="lcm", local_files_only=True,
+                                    steps=2)
+    assert pipe.report.student_kind == "unet"
+
+
+def test_missing_teacher_scheduler_config_warns(tmp_path, repos):
+    teacher = tmp_path / "teacher_no_sched"
+    shutil.copytree(repos["sd_teacher"], teacher)
+    shutil.rmtree(teacher / "scheduler")
+    with pytest.warns(UserWarning, match="assuming 'epsilon'"):
+        Pipeline.from_pretrained(student=repos["sd_lcm"], teacher=str(teacher), family="lcm", local_files_only=True,
+                                 steps=2)
+
+
 def test_missing_local_weights(tmp_path, repos):
     with pytest.raises(WeightsNotFoundError, match="no model folder"):
         Pipeline.from_pretrained(student=repos["sd_lcm"], teacher=str(tmp_path / "absent"), family="lcm")
@@ -381,3 +413,20 @@ def test_float16_on_cuda_upcasts_the_vae(repos):
     plain = pipe(["a cat", "a dog"], seeds=[1, 2], output_type="pt", guided_steps=0)
     assert guided.shape == (2, 3, 32, 32) and torch.isfinite(guided).all() and guided.is_cuda
     assert rel_err(guided, plain) > 1e-4
+
+
+def test_unreachable_hub_is_reported_as_such(monkeypatch):
+    """LocalEntryNotFoundError (no network, not cached) subclasses EntryNotFoundError (no such file):
+    it must not be mistaken for a missing file."""
+    import huggingface_hub
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    import distpp.pipeline as pl
+
+    def unreachable(*a, **k):
+        raise LocalEntryNotFoundError("network is unreachable")
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", unreachable)
+    with pytest.raises(WeightsNotFoundError, match="could not reach the Hub"):
+        pl._fetch("org/model", "model_index.json", None, offline=False)
+    assert pl._fetch("org/model", "model_index.json", None, offline=True) is None
