@@ -88,11 +88,17 @@ class ArtifactCache:
             files = manifest["files"]
         except (OSError, ValueError, KeyError, TypeError) as e:
             raise CacheError(f"{folder}: missing or unreadable manifest ({e})") from e
+        if not isinstance(files, dict) or not files:
+            raise CacheError(f"{folder}: malformed manifest (its 'files' must map each file to its size and sha256)")
         for name, meta in files.items():
             p = folder / name
-            if not p.is_file() or p.stat().st_size != meta["size"]:
-                raise CacheError(f"{p}: missing or truncated (expected {meta['size']} bytes)")
-            if self.verify == "hash" and file_sha256(p) != meta["sha256"]:
+            try:
+                size, sha = int(meta["size"]), str(meta["sha256"])
+            except (KeyError, TypeError, ValueError) as e:
+                raise CacheError(f"{folder}: malformed manifest entry for {name!r} ({e!r})") from e
+            if not p.is_file() or p.stat().st_size != size:
+                raise CacheError(f"{p}: missing or truncated (expected {size} bytes)")
+            if self.verify == "hash" and file_sha256(p) != sha:
                 raise CacheError(f"{p}: content does not match its recorded sha256 (corrupt)")
         return manifest
 

@@ -137,8 +137,9 @@ def export_onnx(base: UNetDenoiser, folder: str | os.PathLike, cfg: ExportConfig
         _model_bytes(unet, cfg.torch_dtype) > EXTERNAL_DATA_BYTES
     folder = Path(folder)
     # The exporter may scatter external tensors as one file per weight: export into scratch, then
-    # save once into ``folder`` with a single data file.
-    with tempfile.TemporaryDirectory(dir=folder.parent, prefix=".export-") as scratch:
+    # save once into ``folder`` with a single data file. The scratch lives inside ``folder`` (under the
+    # cache, its temp folder), so a killed export leaves nothing that the next build does not sweep.
+    with tempfile.TemporaryDirectory(dir=folder, prefix=".export-") as scratch:
         raw = Path(scratch) / ONNX_FILE
         with torch.no_grad(), _quiet_export():
             torch.onnx.export(module, tuple(args[n] for n in names), str(raw), input_names=list(names),
@@ -225,8 +226,10 @@ def verify(base: UNetDenoiser, onnx_path: str | os.PathLike, *, latent_hw: tuple
 
     sess = OrtSession(onnx_path, device="cpu")
     dtype = sess.io.dtype
-    unet = base.unet if next(base.unet.parameters()).dtype == dtype else copy.deepcopy(base.unet).to(dtype)
-    module = _UNetSignature(unet, input_names(base.spec)).eval().cpu()
+    p = next(base.unet.parameters())
+    # never move or cast the caller's UNet: work on a CPU copy unless it already is one in this dtype
+    unet = base.unet if (p.dtype == dtype and p.device.type == "cpu") else copy.deepcopy(base.unet).to("cpu", dtype)
+    module = _UNetSignature(unet, input_names(base.spec)).eval()
     worst = 0.0
     for i, b in enumerate(batches):
         feeds = {k: v.cpu() for k, v in example_inputs(base, b, latent_hw, tokens, dtype, seed=seed + i).items()}

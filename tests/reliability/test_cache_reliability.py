@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import multiprocessing as mp
 import threading
 import warnings
@@ -78,7 +79,8 @@ def test_concurrent_builders_in_threads(tmp_path):
         assert_valid(cache.path("blob", key))
 
 
-@pytest.mark.parametrize("damage", ["bitflip", "truncate", "delete", "manifest"])
+@pytest.mark.parametrize("damage", ["bitflip", "truncate", "delete", "manifest", "files_as_list", "files_empty",
+                                    "size_not_a_dict", "sha_missing"])
 def test_damaged_artifact_is_rebuilt_with_a_warning(tmp_path, damage):
     cache, log = ArtifactCache(tmp_path), tmp_path / "builds.log"
     folder = cache.get_or_build("blob", KEY, lambda d: write_payload(d, str(log), 0))
@@ -91,8 +93,14 @@ def test_damaged_artifact_is_rebuilt_with_a_warning(tmp_path, damage):
         blob.write_bytes(blob.read_bytes()[:-100])
     elif damage == "delete":
         blob.unlink()
-    else:
+    elif damage == "manifest":
         (folder / MANIFEST).write_text("{not json")
+    else:  # readable JSON of the wrong shape
+        manifest = json.loads((folder / MANIFEST).read_text())
+        size = blob.stat().st_size
+        manifest["files"] = {"files_as_list": ["blob.bin"], "files_empty": {}, "size_not_a_dict": {"blob.bin": size},
+                             "sha_missing": {"blob.bin": {"size": size}}}[damage]
+        (folder / MANIFEST).write_text(json.dumps(manifest))
     with pytest.warns(UserWarning, match="rebuilding"):
         again = cache.get_or_build("blob", KEY, lambda d: write_payload(d, str(log), 0))
     assert again == folder and builds(log) == 2
