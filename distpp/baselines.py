@@ -50,8 +50,10 @@ def baseline_sample(student, teacher, config: SamplerConfig, cond: Cond, uncond:
 
         level = dlogging.get_verbosity()
         dlogging.set_verbosity_error()  # DMD2's timesteps are off LCM's grid on purpose
-        sched.set_timesteps(timesteps=[int(t) for t in table.timesteps], device=device)
-        dlogging.set_verbosity(level)
+        try:
+            sched.set_timesteps(timesteps=[int(t) for t in table.timesteps], device=device)
+        finally:
+            dlogging.set_verbosity(level)
     else:
         sched.set_timesteps(table.steps, device=device)
     B = cond.batch

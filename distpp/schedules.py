@@ -190,7 +190,7 @@ def _set_timesteps(sched, family: str, steps: int | None = None, timesteps: list
             sched.set_timesteps(timesteps=timesteps)
         else:
             sched.set_timesteps(steps)
-    except (ValueError, TypeError) as e:
+    except ValueError as e:  # diffusers' own checks
         if isinstance(e, ConfigError):
             raise
         raise ConfigError(f"the {family} scheduler refused this config: {e}") from e

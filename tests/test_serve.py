@@ -126,7 +126,8 @@ def test_settings_validation_and_strings():
     for kw, words in ((dict(replicas=0), "replicas"), (dict(preset="huge"), "unknown preset"),
                       (dict(device="tpu"), "device"), (dict(family="x"), "unknown family"),
                       (dict(batch_wait_timeout_s=-1), "batch_wait_timeout_s"), (dict(guided_steps=9), "guided_steps"),
-                      (dict(dtype="int8"), "dtype must be one of")):
+                      (dict(dtype="int8"), "dtype must be one of"),
+                      (dict(device="cpu", dtype="float16"), "float16 does not run on CPU")):
         with pytest.raises(ConfigError, match=words):
             ServeSettings(**kw)
 

@@ -88,6 +88,9 @@ class ServeSettings:
             raise ConfigError(f"steps must be an integer in [1, max_steps={self.max_steps}], got {self.steps!r}")
         if self.dtype not in DTYPES:
             raise ConfigError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        if self.device == "cpu" and self.dtype == "float16":
+            raise ConfigError("dtype float16 does not run on CPU replicas; pass dtype='float32' (or 'bfloat16'), "
+                              "or device='cuda'")
         # The default sampler config must itself be valid (family, guided_steps, kernel_impl).
         self.default_config()
 

@@ -1,5 +1,6 @@
 """Backend registry: explicit requests raise with the extra to install, "auto" falls back with a warning."""
 
+import importlib.util
 import warnings
 
 import pytest
@@ -7,13 +8,17 @@ import pytest
 from distpp import BackendUnavailableError, ConfigError
 from distpp import backends
 
+HAS_TRT = importlib.util.find_spec("tensorrt") is not None
+
 
 def test_names_and_availability_here():
     assert {"eager", "onnxruntime", "tensorrt"} <= set(backends.backend_names())
     assert backends.is_available("eager") and backends.is_available("onnxruntime")
-    assert not backends.is_available("tensorrt")  # not installable on any machine distpp is developed on
+    if not HAS_TRT:  # TensorRT is not installable on any machine distpp is developed on
+        assert not backends.is_available("tensorrt")
 
 
+@pytest.mark.skipif(HAS_TRT, reason="TensorRT is installed here: these check its absence")
 def test_explicit_unavailable_backend_names_the_extra():
     with pytest.raises(BackendUnavailableError, match=r"distpp\[tensorrt\]"):
         backends.get_backend("tensorrt")
@@ -23,6 +28,7 @@ def test_explicit_unavailable_backend_names_the_extra():
         backends.get_backend("tvm")
 
 
+@pytest.mark.skipif(HAS_TRT, reason="TensorRT is installed here: these check its absence")
 def test_tensorrt_entry_points_refuse_cleanly(tiny_pair):
     from distpp.backends import tensorrt
 
@@ -32,6 +38,7 @@ def test_tensorrt_entry_points_refuse_cleanly(tiny_pair):
         backends.make_pair(tiny_pair, "tensorrt")
 
 
+@pytest.mark.skipif(HAS_TRT, reason="TensorRT is installed here: these check its absence")
 def test_auto_falls_back_with_a_warning():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
