@@ -602,7 +602,10 @@ def _state_dict_keys(path: str) -> list[str]:
 
         with safe_open(path, framework="pt") as f:
             return list(f.keys())
-    return list(torch.load(path, map_location="cpu", weights_only=True).keys())
+    try:  # memory-mapped: reading the key names must not load a multi-GB state dict
+        return list(torch.load(path, map_location="cpu", weights_only=True, mmap=True).keys())
+    except RuntimeError:  # legacy (non-zip) torch.save format cannot be mapped
+        return list(torch.load(path, map_location="cpu", weights_only=True).keys())
 
 
 def _load_state_dict(path: str) -> dict:
