@@ -141,6 +141,30 @@ def guidance_scale_embedding(w: torch.Tensor, dim: int, dtype: torch.dtype = tor
     return torch.nn.functional.pad(emb, (0, 1)) if dim % 2 == 1 else emb
 
 
+SDXL_TIME_IDS = 6  # original (h, w), crop top-left (y, x), target (h, w)
+
+
+def text_time_dims(cfg) -> tuple[int | None, int | None]:
+    """(pooled text_embeds width, time_ids width) of a diffusers UNet config (object or dict):
+    (None, None) for SD1.5-style UNets, from ``projection_class_embeddings_input_dim`` for SDXL-style
+    ("text_time") ones; ConfigError for other ``addition_embed_type`` values."""
+    get = cfg.get if isinstance(cfg, dict) else (lambda k, d=None: getattr(cfg, k, d))
+    kind = get("addition_embed_type")
+    if kind is None:
+        return None, None
+    if kind != "text_time":
+        raise ConfigError(f"UNet addition_embed_type {kind!r} is not supported "
+                          "(supported: none for SD1.5-style, 'text_time' for SDXL-style)")
+    pooled = int(get("projection_class_embeddings_input_dim")) - SDXL_TIME_IDS * int(get("addition_time_embed_dim"))
+    return pooled, SDXL_TIME_IDS
+
+
+def sdxl_time_ids(height: float, width: float, rows: int, device=None) -> torch.Tensor:
+    """[rows, 6] float32 SDXL micro-conditioning at native size, no crop: (h, w, 0, 0, h, w) in pixels."""
+    row = torch.tensor([[float(height), float(width), 0.0, 0.0, float(height), float(width)]], device=device)
+    return row.expand(rows, SDXL_TIME_IDS).contiguous()
+
+
 class UNetDenoiser:
     """Adapter from a diffusers ``UNet2DConditionModel`` to the Denoiser protocol.
 
@@ -154,13 +178,7 @@ class UNetDenoiser:
         cfg = unet.config
         self.unet = unet
         self.w_embed = float(w_embed)
-        text_dim = time_dim = None
-        if getattr(cfg, "addition_embed_type", None) == "text_time":
-            time_dim = 6
-            text_dim = int(cfg.projection_class_embeddings_input_dim) - time_dim * int(cfg.addition_time_embed_dim)
-        elif getattr(cfg, "addition_embed_type", None) not in (None, "text_time"):
-            raise ConfigError(f"UNet addition_embed_type {cfg.addition_embed_type!r} is not supported "
-                              "(supported: none, 'text_time')")
+        text_dim, time_dim = text_time_dims(cfg)
         cad = cfg.cross_attention_dim
         param = next(unet.parameters())
         self.spec = ModelSpec(

@@ -33,7 +33,7 @@ from typing import Any, Callable, Sequence
 import torch
 
 from .config import SamplerConfig
-from .denoiser import Cond, ModelSpec, UNetDenoiser
+from .denoiser import Cond, ModelSpec, UNetDenoiser, sdxl_time_ids, text_time_dims
 from .errors import ConfigError, InputError, WeightsNotFoundError
 from .sampler import Sampler, _check_device_dtype
 from .schedules import build_schedule
@@ -227,13 +227,7 @@ def _same_weights(a, b) -> bool:
 
 def _unet_cond_dims(cfg: dict) -> tuple[int, int | None]:
     """(cross_attention_dim, pooled text_embeds width or None) of a UNet config."""
-    pooled = None
-    if cfg.get("addition_embed_type") == "text_time":
-        pooled = int(cfg["projection_class_embeddings_input_dim"]) - 6 * int(cfg["addition_time_embed_dim"])
-    elif cfg.get("addition_embed_type") is not None:
-        raise ConfigError(f"UNet addition_embed_type {cfg['addition_embed_type']!r} is not supported "
-                          "(supported: none for SD1.5-style, 'text_time' for SDXL-style)")
-    return int(cfg["cross_attention_dim"]), pooled
+    return int(cfg["cross_attention_dim"]), text_time_dims(cfg)[0]
 
 
 def check_pair_configs(student_unet: dict, teacher_unet: dict, student_text: tuple[int, int | None],
@@ -444,8 +438,7 @@ class Pipeline:
         """Conditioning for one batch: cond / teacher_cond [B], uncond / teacher_uncond [B] (None when
         ``negative_prompts`` is None). teacher_* is None when the teacher shares the student's encoders."""
         # SDXL micro-conditioning: original size, crop top-left, target size, in pixels.
-        time_ids = torch.tensor([[height, width, 0, 0, height, width]], dtype=torch.float32,
-                                device=self.device).expand(len(prompts), 6).contiguous()
+        time_ids = sdxl_time_ids(height, width, len(prompts), self.device)
 
         def conds(enc: PromptEncoder, texts, zero_empty: bool) -> Cond:
             states, pooled = enc.encode(texts)

@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from .denoiser import Cond, UNetDenoiser
+from .denoiser import Cond, UNetDenoiser, sdxl_time_ids, text_time_dims
 from .errors import ConfigError, WeightsNotFoundError
 
 _TINY = dict(
@@ -102,8 +102,7 @@ class ModelPair:
             te = tid = None
             if i.pooled is not None:
                 te = torch.randn(rows, i.pooled, generator=g)
-                res = float(i.resolution)
-                tid = torch.tensor([[res, res, 0.0, 0.0, res, res]]).expand(rows, 6).contiguous()
+                tid = sdxl_time_ids(i.resolution, i.resolution, rows)
             return Cond(ehs, te, tid).to(self.device, self.dtype)
 
         return one(batch), one(1)
@@ -171,9 +170,7 @@ def load_pair(student: str, teacher: str, *, info: PresetInfo | None = None, dev
     t = load_unet(teacher, subfolder=teacher_subfolder, device=device, dtype=dtype)
     if info is None:
         cfg = t.config
-        pooled = None
-        if cfg.addition_embed_type == "text_time":
-            pooled = int(cfg.projection_class_embeddings_input_dim) - 6 * int(cfg.addition_time_embed_dim)
+        pooled = text_time_dims(cfg)[0]
         ss = int(cfg.sample_size)
         info = PresetInfo("custom", dict(cfg), (int(cfg.in_channels), ss, ss), 77, int(cfg.cross_attention_dim),
                           pooled, 0.0, s.config.time_cond_proj_dim, resolution=ss * 8)

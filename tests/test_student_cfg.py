@@ -1,6 +1,6 @@
 import torch
 
-from distpp import Cond, Sampler, SamplerConfig
+from distpp import Sampler, SamplerConfig
 from distpp.denoiser import CFGDenoiser
 from helpers import GaussianDenoiser, assert_close, gaussian_conds
 from distpp.schedules import build_schedule

@@ -12,10 +12,9 @@ from __future__ import annotations
 
 import contextlib
 import json
-import math
 import platform
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np

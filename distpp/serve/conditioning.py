@@ -16,7 +16,7 @@ import io
 import numpy as np
 import torch
 
-from ..denoiser import Cond
+from ..denoiser import Cond, sdxl_time_ids
 from ..presets import PresetInfo
 
 
@@ -36,8 +36,7 @@ def prompt_cond(info: PresetInfo, prompt: str) -> Cond:
     if info.pooled is None:
         return Cond(ehs)
     te = torch.randn(1, info.pooled, generator=g)
-    res = float(info.resolution)
-    return Cond(ehs, te, torch.tensor([[res, res, 0.0, 0.0, res, res]]))
+    return Cond(ehs, te, sdxl_time_ids(info.resolution, info.resolution, 1))
 
 
 def latent_b64(latent: np.ndarray) -> str:
