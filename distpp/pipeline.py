@@ -225,6 +225,12 @@ def _same_weights(a, b) -> bool:
     return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
 
 
+# Keys of a student pipeline's scheduler_config.json that define its noise schedule and step spacing.
+_STUDENT_SCHEDULE_KEYS = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "trained_betas",
+                          "timestep_spacing", "steps_offset", "rescale_betas_zero_snr", "original_inference_steps",
+                          "timestep_scaling")
+
+
 def _unet_cond_dims(cfg: dict) -> tuple[int, int | None]:
     """(cross_attention_dim, pooled text_embeds width or None) of a UNet config."""
     return int(cfg["cross_attention_dim"]), text_time_dims(cfg)[0]
@@ -364,11 +370,16 @@ class Pipeline:
                           "(not in the local cache offline?); assuming 'epsilon'. Pass teacher_prediction_type= "
                           "for a v-prediction teacher", stacklevel=2)
         teacher_prediction_type = teacher_prediction_type or t_sched.get("prediction_type", "epsilon")
+        s_sched = _read_json_or_empty(student, "scheduler_config.json", "scheduler", offline) \
+            if kind == "pipeline" else {}
         if prediction_type is None:
-            s_sched = _read_json_or_empty(student, "scheduler_config.json", "scheduler", offline) \
-                if kind == "pipeline" else {}
             prediction_type = s_sched.get("prediction_type", "epsilon")
         config = replace(config, prediction_type=prediction_type, teacher_prediction_type=teacher_prediction_type)
+        carried = {k: s_sched[k] for k in _STUDENT_SCHEDULE_KEYS if k in s_sched}
+        if carried and config.scheduler_config is None:
+            # a full student pipeline ships the schedule it was distilled for (betas, timestep spacing, ...);
+            # only those keys carry over: its scheduler class may differ from the family's
+            config = replace(config, scheduler_config=carried)
         build_schedule(config.family, config.steps, timesteps=config.timesteps, prediction_type=prediction_type,
                        scheduler_config=config.scheduler_config)  # e.g. LCM steps > 50: refused before loading
 

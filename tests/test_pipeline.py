@@ -310,6 +310,28 @@ def test_pipeline_student_shares_encoders_and_vae(repos):
     assert pipe(["a cat"], output_type="pt", height=16, width=16).shape == (1, 3, 16, 16)
 
 
+def test_pipeline_student_brings_its_schedule(repos, tmp_path):
+    """A full student pipeline's scheduler config (spacing, betas) sets the sampler's schedule, as diffusers'
+    own pipeline for that student would; keys of another scheduler class (DDPM's clip_sample) do not."""
+    from distpp.schedules import build_schedule
+
+    student = tmp_path / "turbo"
+    shutil.copytree(repos["xl_turbo"], student)
+    sched_file = student / "scheduler" / "scheduler_config.json"
+    steps = {}
+    for spacing in ("leading", "trailing"):
+        cfg = json.loads(sched_file.read_text())
+        cfg.update(timestep_spacing=spacing, clip_sample=True)
+        sched_file.write_text(json.dumps(cfg))
+        pipe = Pipeline.from_pretrained(student=str(student), teacher=repos["xl_teacher"], family="euler_a",
+                                        local_files_only=True, steps=2)
+        assert pipe.config.scheduler_config["timestep_spacing"] == spacing
+        assert "clip_sample" not in pipe.config.scheduler_config
+        steps[spacing] = pipe.sampler().schedule.timesteps
+        assert steps[spacing] == build_schedule("euler_a", 2, scheduler_config={"timestep_spacing": spacing}).timesteps
+    assert steps["leading"] != steps["trailing"]
+
+
 def test_upcast_vae_decodes_in_float32(repos):
     pipe = Pipeline.from_pretrained(student=repos["sd_lcm"], teacher=repos["sd_teacher"], family="lcm",
                                     local_files_only=True, dtype=torch.bfloat16, upcast_vae=True, steps=1)
