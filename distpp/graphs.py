@@ -244,6 +244,13 @@ class GraphRunner:
         self.backend, self.ops, self.warmup_iters = backend, ops or sampler.ops, warmup_iters
         on_cuda = sampler.device.type == "cuda"
         self.use_cuda_graphs = on_cuda if graphs is None else bool(graphs) and on_cuda
+        fixed = [type(m).__name__ for m in (sampler.student, sampler.teacher)
+                 if m is not None and not getattr(m, "capturable", True)]
+        if self.use_cuda_graphs and fixed:
+            warnings.warn(f"distpp: {', '.join(fixed)} cannot be captured in a CUDA graph (its forward synchronizes "
+                          "the host); this GraphRunner runs its loops eagerly over the static buffers",
+                          RuntimeWarning, stacklevel=2)
+            self.use_cuda_graphs = False
         self.stats = GraphStats()
         self._cache: OrderedDict[GraphKey, _Entry] = OrderedDict()
         self._eager_keys: set[GraphKey] = set()  # keys whose capture ran out of memory

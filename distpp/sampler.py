@@ -133,6 +133,10 @@ class Sampler:
             raise ConfigError("teacher must be a Denoiser: a callable (x, t, cond) -> prediction")
         if teacher is None and config.guided_steps > 0:
             raise ConfigError("guided_steps > 0 needs a teacher; pass teacher=... or guided_steps=0")
+        if teacher is student and getattr(student, "reuses_output", False):
+            raise ConfigError(f"one {type(student).__name__} as both student and teacher: it returns a buffer it "
+                              "reuses on its next call, so the teacher's forward would overwrite the student's "
+                              "prediction; build a second instance for the teacher")
         self.student, self.teacher = student, teacher
         s_spec, t_spec = spec_of(student), spec_of(teacher)
         try:

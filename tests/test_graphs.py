@@ -294,3 +294,24 @@ def test_cuda_guided_sd_tiny_four_steps_and_eviction_frees_memory():
     r.clear()
     torch.cuda.synchronize()
     assert torch.cuda.memory_allocated() <= held - static_bytes  # buffers (and the graph's pool) released
+
+
+def test_non_capturable_models_run_eagerly_with_a_warning():
+    """A Denoiser with capturable = False (ONNX Runtime syncs the host in its forward) is never captured."""
+    from helpers import GaussianDenoiser
+
+    from distpp import Sampler, SamplerConfig
+    from distpp.schedules import build_schedule
+
+    class HostSyncing(GaussianDenoiser):
+        capturable = False
+
+    acp = build_schedule("lcm", 4).alphas_cumprod
+    s = Sampler(GaussianDenoiser(acp), HostSyncing(acp), SamplerConfig(kernel_impl="torch"))
+    s.device = torch.device("cuda")  # only the runner's decision is under test: nothing runs here
+    with pytest.warns(RuntimeWarning, match="HostSyncing cannot be captured"):
+        assert GraphRunner(s, graphs=True).use_cuda_graphs is False
+    s.teacher = GaussianDenoiser(acp)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert GraphRunner(s, graphs=True).use_cuda_graphs is True

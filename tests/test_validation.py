@@ -222,3 +222,14 @@ def test_lam_and_cfg_take_numpy_and_tensor_values():
         s.sample(cond, lam=torch.tensor(1.5), **kw)
     with pytest.raises(InputError, match="got the string"):
         s.sample(cond, lam="0.1", **kw)
+
+
+def test_one_reused_buffer_model_cannot_be_student_and_teacher():
+    class Reusing(GaussianDenoiser):
+        reuses_output = True  # like TrtDenoiser: returns a view of a buffer it overwrites on its next call
+
+    acp = build_schedule("lcm", 4).alphas_cumprod
+    r = Reusing(acp)
+    with pytest.raises(ConfigError, match="build a second instance for the teacher"):
+        Sampler(r, r, SamplerConfig(kernel_impl="torch"))
+    Sampler(r, Reusing(acp), SamplerConfig(kernel_impl="torch"))  # two instances are fine

@@ -57,6 +57,8 @@ class OrtSession:
         ort = _ort()
         self.io: IOSpec = read_io_spec(onnx_path)  # missing / not-a-model errors before the session
         self.device = torch.device(device)
+        if self.device.type == "cuda" and self.device.index is None:
+            self.device = torch.device("cuda", torch.cuda.current_device())
         if providers is None:
             if self.device.type == "cuda":
                 if "CUDAExecutionProvider" not in ort.get_available_providers():
@@ -76,7 +78,7 @@ class OrtSession:
         """Run on ``feeds`` (by ONNX name); returns a fresh [b, C, H, W] output in the model dtype."""
         check_feeds(self.io, feeds, who=who)
         for name, v in feeds.items():
-            if v.device.type != self.device.type:
+            if v.device != self.device:
                 raise ConfigError(f"{who} input {name!r} is on {v.device}; this session binds {self.device}")
         feeds = {n: feeds[n].contiguous() for n in self.io.names}
         out = torch.empty(feeds[SAMPLE].shape, dtype=self.io.output.dtype, device=self.device)
@@ -97,6 +99,8 @@ class OrtDenoiser:
     base: the eager UNetDenoiser of the same UNet: its spec (dims, prediction type) and prepare (LCM's
     w-embedding) are reused; the exported dtype replaces its dtype.
     """
+
+    capturable = False  # ORT runs on its own stream after a host sync: no CUDA graph capture
 
     def __init__(self, onnx_path: str | os.PathLike, base: UNetDenoiser, *, device: torch.device | str | None = None,
                  providers: list | None = None, threads: int | None = None):

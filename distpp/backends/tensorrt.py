@@ -161,6 +161,8 @@ class TrtDenoiser:
     a call with new shapes must be warmed up outside capture first (TensorRT may re-plan).
     """
 
+    reuses_output = True  # the Sampler refuses one object as both student and teacher
+
     def __init__(self, engine_folder: str | os.PathLike, io: IOSpec, profile: Profile, base: UNetDenoiser,
                  device: torch.device | str = "cuda"):
         trt = _trt()
