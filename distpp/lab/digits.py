@@ -11,7 +11,6 @@ encoder_hidden_states [b, 1, 11] (one-hot + null flag, as in the gmm lab).
 from __future__ import annotations
 
 import copy
-import json
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -26,6 +25,8 @@ from ..denoiser import Cond, ModelSpec
 from ..errors import ConfigError
 from ..sampler import Sampler
 from ..schedules import build_schedule
+from . import save_figure
+from . import write_outputs as write_lab_outputs
 from .gmm import machine
 from .metrics import frechet_distance, paired_effect
 from .mixture import CFGDenoiser, class_cond, decode_labels, null_cond
@@ -344,23 +345,12 @@ def plot(result: dict, path: Path) -> Path:
         ax.imshow(grid, cmap="gray", vmin=-1, vmax=1)
         ax.set_title(name, fontsize=8)
         ax.axis("off")
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def write_outputs(result: dict, out_dir: Path, make_plot: bool = True) -> dict:
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    paths = {"json": out_dir / "digits.json"}
-    with open(paths["json"], "w") as f:
-        json.dump(result, f, indent=1)
-    if make_plot:
-        paths["png"] = plot(result, out_dir / "digits.png")
-    return paths
+    """``digits.json`` (and ``digits.png``) under ``out_dir``."""
+    return write_lab_outputs(result, out_dir, "digits", plot if make_plot else None)
 
 
 def add_args(p) -> None:

@@ -11,7 +11,6 @@ configuration runs through distpp.Sampler with the same per-sample seeds as the 
 from __future__ import annotations
 
 import contextlib
-import json
 import platform
 import time
 from dataclasses import asdict, dataclass
@@ -24,6 +23,8 @@ from ..config import SamplerConfig, TEACHER_RULES, check_cfg, check_lam
 from ..errors import ConfigError
 from ..sampler import Sampler
 from ..schedules import FAMILIES, build_schedule
+from . import save_figure
+from . import write_outputs as write_lab_outputs
 from .metrics import energy_distance, mode_stats, paired_effect, sliced_wasserstein
 from .mixture import (CFGDenoiser, Mixture, MixtureTeacher, OdeMapStudent, class_cond, null_cond, perturbed,
                       ring_mixture, sample_mixture)
@@ -319,23 +320,12 @@ def plot(result: dict, path: Path, show_family: str | None = None) -> Path:
     ax.set_ylabel("energy distance to true conditional mixture")
     ax.set_title(f"w={cfg['cfg']:g}, rule next, mean ± sd over {cfg['seeds']} seeds")
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def write_outputs(result: dict, out_dir: Path, make_plot: bool = True) -> dict:
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    paths = {"json": out_dir / "gmm.json"}
-    with open(paths["json"], "w") as f:
-        json.dump(result, f, indent=1)
-    if make_plot:
-        paths["png"] = plot(result, out_dir / "gmm.png")
-    return paths
+    """``gmm.json`` (and ``gmm.png``) under ``out_dir``."""
+    return write_lab_outputs(result, out_dir, "gmm", plot if make_plot else None)
 
 
 def config_from_args(args) -> GmmLabConfig:
