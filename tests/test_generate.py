@@ -10,7 +10,7 @@ import pytest
 
 from distpp.generate import main, parse_args, resolve
 from distpp.pipeline import KNOWN_PAIRS
-from test_pipeline import tiny_repos_for
+from tiny_repos import tiny_repos_for
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,166 @@
+"""Tiny diffusers/transformers repos written from configs (random weights, tokenizers from vocab files the
+test writes), saved in the folder layouts of real Hub repos and loaded through ``from_pretrained``
+offline. Shared by the pipeline, generate, serve and bench tests."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import torch
+
+from distpp.presets import _TINY, _TINY_XL
+
+VOCAB_MAX_LEN = 8
+_REPOS: dict[str, str] = {}  # name -> folder, built once per test session
+
+
+# ------------------------------------------------------------------------------------------------------
+# Tiny repos (built once per session).
+# ------------------------------------------------------------------------------------------------------
+def _byte_chars() -> list[str]:
+    """CLIP's byte-to-unicode table: the 256 symbols a byte-level BPE vocabulary must hold."""
+    bs = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    cs, n = bs[:], 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return [chr(c) for c in cs]
+
+
+def _save_tokenizer(folder: str) -> int:
+    """A CLIPTokenizer with a tiny vocabulary (bytes, bytes + </w>, 'cat', specials); returns its size."""
+    from transformers import CLIPTokenizer
+
+    chars = _byte_chars()
+    vocab = chars + [c + "</w>" for c in chars] + ["ca", "cat</w>", "<|startoftext|>", "<|endoftext|>"]
+    src = folder + "_src"
+    os.makedirs(src, exist_ok=True)
+    with open(os.path.join(src, "vocab.json"), "w") as f:
+        json.dump({t: i for i, t in enumerate(vocab)}, f)
+    with open(os.path.join(src, "merges.txt"), "w") as f:
+        f.write("#version: 0.2\nc a\nca t</w>\n")
+    tok = CLIPTokenizer(os.path.join(src, "vocab.json"), os.path.join(src, "merges.txt"),
+                        model_max_length=VOCAB_MAX_LEN)
+    tok.save_pretrained(folder)
+    shutil.rmtree(src)
+    return len(vocab)
+
+
+def _text_encoder(hidden: int, projection: int | None, vocab: int, seed: int):
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    torch.manual_seed(seed)
+    cfg = CLIPTextConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2,
+                         num_attention_heads=2, max_position_embeddings=VOCAB_MAX_LEN,
+                         projection_dim=projection or hidden,
+                         bos_token_id=vocab - 2, eos_token_id=vocab - 1, pad_token_id=vocab - 1)
+    return (CLIPTextModelWithProjection if projection else CLIPTextModel)(cfg).eval()
+
+
+def _unet(config: dict, seed: int, **over):
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(seed)
+    return UNet2DConditionModel(**dict(config, **over)).eval()
+
+
+def _vae(seed: int):
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(seed)
+    return AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
+                         up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 16), latent_channels=4,
+                         norm_num_groups=8, layers_per_block=1, sample_size=32).eval()
+
+
+def _save_teacher(root: str, xl: bool) -> None:
+    from diffusers import DDPMScheduler
+
+    os.makedirs(root)
+    vocab = _save_tokenizer(os.path.join(root, "tokenizer"))
+    index = {"_class_name": "StableDiffusionXLPipeline" if xl else "StableDiffusionPipeline",
+             "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"],
+             "text_encoder": ["transformers", "CLIPTextModel"], "tokenizer": ["transformers", "CLIPTokenizer"],
+             "scheduler": ["diffusers", "DDPMScheduler"]}
+    if xl:
+        _save_tokenizer(os.path.join(root, "tokenizer_2"))
+        index.update(text_encoder_2=["transformers", "CLIPTextModelWithProjection"],
+                     tokenizer_2=["transformers", "CLIPTokenizer"], force_zeros_for_empty_prompt=True)
+        # SDXL: states = [enc1 16 | enc2 16] = 32 = cross_attention_dim; pooled = enc2 projection 32.
+        _text_encoder(16, None, vocab, 11).save_pretrained(os.path.join(root, "text_encoder"))
+        _text_encoder(16, 32, vocab, 12).save_pretrained(os.path.join(root, "text_encoder_2"))
+    else:
+        _text_encoder(32, None, vocab, 11).save_pretrained(os.path.join(root, "text_encoder"))
+    with open(os.path.join(root, "model_index.json"), "w") as f:
+        json.dump(index, f)
+    _unet(_TINY_XL if xl else _TINY, 2).save_pretrained(os.path.join(root, "unet"))
+    _vae(3).save_pretrained(os.path.join(root, "vae"))
+    DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear").save_pretrained(
+        os.path.join(root, "scheduler"))
+
+
+def _save_config_only(folder: str, config: dict) -> None:
+    """A UNet folder with config.json and no weights: errors must come before any weights load."""
+    os.makedirs(folder)
+    cfg = dict(_unet(config, 0).config)
+    with open(os.path.join(folder, "config.json"), "w") as f:
+        json.dump(dict(cfg, _class_name="UNet2DConditionModel"), f)
+
+
+def _save_lora(teacher_unet_dir: str, path: str) -> None:
+    """A UNet LoRA with random (non-zero) A and B, keys prefixed ``unet.`` as diffusers pipelines save."""
+    from diffusers import UNet2DConditionModel
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+    from safetensors.torch import save_file
+
+    unet = UNet2DConditionModel.from_pretrained(teacher_unet_dir)
+    torch.manual_seed(7)
+    unet.add_adapter(LoraConfig(r=4, lora_alpha=4, init_lora_weights=False,
+                                target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
+    sd = get_peft_model_state_dict(unet)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    save_file({f"unet.{k}": v.contiguous() for k, v in sd.items()}, path)
+
+
+def build_tiny_repos(root: str) -> dict[str, str]:
+    """Write every tiny repo the pipeline tests load; returns name -> folder."""
+    from safetensors.torch import save_file
+
+    r = {n: os.path.join(root, n) for n in (
+        "sd_teacher", "sd_lcm", "sd_file", "xl_teacher", "xl_lcm", "xl_turbo", "bad_channels", "bad_width",
+        "lora")}
+    _save_teacher(r["sd_teacher"], xl=False)
+    _save_teacher(r["xl_teacher"], xl=True)
+    _unet(_TINY, 21, time_cond_proj_dim=32).save_pretrained(r["sd_lcm"])
+    _unet(_TINY_XL, 22, time_cond_proj_dim=32).save_pretrained(r["xl_lcm"])
+    os.makedirs(r["sd_file"])
+    save_file(_unet(_TINY, 23).state_dict(), os.path.join(r["sd_file"], "student_4step_unet.safetensors"))
+    # A full student pipeline (Turbo-style): the teacher's encoders and VAE, its own UNet.
+    shutil.copytree(r["xl_teacher"], r["xl_turbo"])
+    shutil.rmtree(os.path.join(r["xl_turbo"], "unet"))
+    _unet(_TINY_XL, 24).save_pretrained(os.path.join(r["xl_turbo"], "unet"))
+    _save_config_only(r["bad_channels"], dict(_TINY, in_channels=8, out_channels=8))
+    _save_config_only(r["bad_width"], dict(_TINY, cross_attention_dim=16))
+    if _has_peft():
+        _save_lora(os.path.join(r["sd_teacher"], "unet"), os.path.join(r["lora"], "pytorch_lora_weights.safetensors"))
+    return r
+
+
+def _has_peft() -> bool:
+    try:
+        import peft  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def tiny_repos_for(tmp_path_factory) -> dict[str, str]:
+    """The session's tiny repos, built on first use (shared with test_generate)."""
+    if not _REPOS:
+        _REPOS.update(build_tiny_repos(str(tmp_path_factory.mktemp("tiny_repos"))))
+    return _REPOS
