@@ -49,6 +49,7 @@ int main() {
 
   const auto plain = [&](int64_t batch, int64_t numel, int64_t num_steps, int64_t step) {
     distpp_plain_update_params p{};
+    p.struct_size = sizeof p; p.abi_version = DISTPP_ABI_VERSION;
     p.x = f; p.m_s = f; p.coef = f; p.x_out = f;
     p.batch = batch; p.numel = numel; p.num_steps = num_steps; p.step = step;
     p.m_s_dtype = DISTPP_FLOAT32; p.xin_dtype = DISTPP_FLOAT32;
@@ -56,15 +57,19 @@ int main() {
   };
   const auto student = [&](int64_t batch, int64_t numel, int64_t num_steps, int64_t num_guided, int64_t step) {
     distpp_student_update_params p{};
+    p.struct_size = sizeof p; p.abi_version = DISTPP_ABI_VERSION;
     p.x = f; p.m_s = f; p.n = f; p.coef = f; p.gcoef = f; p.out = f;
     p.batch = batch; p.numel = numel; p.num_steps = num_steps; p.num_guided = num_guided; p.step = step;
+    p.teacher_rows = 2 * batch;
     p.m_s_dtype = DISTPP_FLOAT32; p.out_dtype = DISTPP_FLOAT32;
     return distpp_student_update(&p, nullptr);
   };
   const auto guided = [&](int64_t batch, int64_t numel) {
     distpp_guided_update_params p{};
+    p.struct_size = sizeof p; p.abi_version = DISTPP_ABI_VERSION;
     p.x = f; p.m_s = f; p.n = f; p.m_t = f; p.coef = f; p.gcoef = f; p.lam = f; p.cfg = f; p.x_out = f;
     p.batch = batch; p.numel = numel; p.num_steps = 4; p.num_guided = 4; p.step = 0;
+    p.teacher_rows = 2 * batch;
     p.m_s_dtype = DISTPP_FLOAT32; p.m_t_dtype = DISTPP_FLOAT32; p.xin_dtype = DISTPP_FLOAT32;
     return distpp_guided_update(&p, nullptr);
   };

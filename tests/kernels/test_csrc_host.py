@@ -137,7 +137,10 @@ def test_params_structs_match_the_header():
         names = [line.split(";")[0].split()[-1].lstrip("*") for line in body.splitlines() if ";" in line]
         assert names == [f[0] for f in params._fields_], op
     assert f"#define DISTPP_ABI_VERSION {csrc_ops.ABI_VERSION}" in header
-    assert ctypes.sizeof(csrc_ops.GuidedUpdateParams) == 11 * 8 + 5 * 8 + 3 * 4 + 4  # padded to 8
+    # header, pointers, int64 sizes, int32 dtypes/flags (plain: 3, padded to 8)
+    assert ctypes.sizeof(csrc_ops.StudentUpdateParams) == 8 + 6 * 8 + 6 * 8 + 2 * 4
+    assert ctypes.sizeof(csrc_ops.GuidedUpdateParams) == 8 + 11 * 8 + 6 * 8 + 4 * 4
+    assert ctypes.sizeof(csrc_ops.PlainUpdateParams) == 8 + 6 * 8 + 4 * 8 + 3 * 4 + 4
 
 
 # ---- issue 13, item 12: sizes, missing noise, struct versions, the sanitizer build ------------------
@@ -192,7 +195,6 @@ def _refused_in_a_child(lib, op, params, exc, match) -> int:
     return os.waitstatus_to_exitcode(status)
 
 
-@pytest.mark.xfail(strict=True, reason="issue 13 item 12: overflowing sizes crash the host library (SIGSEGV)")
 @pytest.mark.parametrize("op,over", [
     ("plain_update", dict(numel=INT64_MAX - 1)),
     ("student_update", dict(batch=1, numel=INT64_MAX)),
@@ -206,7 +208,6 @@ def test_overflowing_sizes_are_refused_not_crashed(host_lib, op, over):
     assert code == 0, f"the child exited with {code} (negative: killed by that signal)"
 
 
-@pytest.mark.xfail(strict=True, reason="issue 13 item 12: no draws_noise field; a missing z is silently zero noise")
 @pytest.mark.parametrize("op", ["plain_update", "guided_update"])
 def test_missing_noise_on_a_noisy_step_is_refused(host_lib, op):
     c = make_case((2, 4, 8, 8), torch.float32, "cpu", with_z=True)
@@ -220,7 +221,6 @@ def test_missing_noise_on_a_noisy_step_is_refused(host_lib, op):
     host_lib.call(op, _MAKERS[op](c, x_out, z=c["z"].data_ptr(), draws_noise=1))
 
 
-@pytest.mark.xfail(strict=True, reason="issue 13 item 12: params structs carry no size/version field")
 @pytest.mark.parametrize("op", list(_MAKERS))
 def test_params_struct_of_another_abi_is_refused(host_lib, op):
     c = make_case((2, 4, 8, 8), torch.float32, "cpu")
@@ -234,8 +234,6 @@ def test_params_struct_of_another_abi_is_refused(host_lib, op):
             host_lib.call(op, bad)
 
 
-@pytest.mark.xfail(strict=True, reason="issue 13 item 12: teacher_rows (reserved for the embedded-guidance "
-                                       "teacher) does not exist yet")
 @pytest.mark.parametrize("op", ["student_update", "guided_update"])
 def test_teacher_rows_other_than_the_cfg_pair_are_refused(host_lib, op):
     c = make_case((2, 4, 8, 8), torch.float32, "cpu")
@@ -245,7 +243,6 @@ def test_teacher_rows_other_than_the_cfg_pair_are_refused(host_lib, op):
         host_lib.call(op, _MAKERS[op](c, out, teacher_rows=2))
 
 
-@pytest.mark.xfail(strict=True, reason="issue 13 item 12: CI has no sanitizer build of the host tests")
 def test_ci_runs_the_sanitized_host_tests():
     """CI builds the host library and its ctest suite with ASan + UBSan (DISTPP_SANITIZE) and runs it."""
     root = CSRC.parent
