@@ -149,7 +149,6 @@ def test_config_errors():
         ExportConfig(exporter="script")
 
 
-@pytest.mark.xfail(strict=True, reason="issue 13 item 13: python -m distpp.export prints a traceback for bad input")
 @pytest.mark.parametrize("argv,match", [
     (["--preset", "tinyy"], "unknown preset 'tinyy'"),
     (["--weights", "/nonexistent"], "no model folder at '/nonexistent"),
