@@ -26,7 +26,6 @@ def fake_build(calls):
     return build
 
 
-@pytest.mark.xfail(strict=True, reason="issue 12: the engine key omits opt_level and workspace_bytes")
 @pytest.mark.parametrize("change", [dict(opt_level=5), dict(workspace_bytes=1 << 30)])
 def test_engine_key_covers_every_builder_setting(tiny_onnx, tmp_path, change):
     calls, cache = [], ArtifactCache(tmp_path)
@@ -58,7 +57,6 @@ class _FakeTrt:
             return SimpleNamespace(create_execution_context=lambda: context)
 
 
-@pytest.mark.xfail(strict=True, reason="issue 12: a failed execute_async_v3 raises CacheError")
 def test_failed_execution_is_a_runtime_error_not_a_cache_error(tiny_onnx, tiny_pair, tmp_path, monkeypatch):
     monkeypatch.setattr(trt_mod, "_trt", lambda: _FakeTrt)
     monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: SimpleNamespace(cuda_stream=0))
@@ -74,7 +72,6 @@ def test_failed_execution_is_a_runtime_error_not_a_cache_error(tiny_onnx, tiny_p
     assert not isinstance(info.value, CacheError)
 
 
-@pytest.mark.xfail(strict=True, reason="issue 12: make_denoiser rmtrees the engine outside the cache's lock")
 def test_engine_that_does_not_load_is_discarded_through_the_cache(tiny_onnx, tiny_pair, tmp_path, monkeypatch):
     """The rebuild after a deserialization failure removes the engine under the cache's lock."""
     calls, cache = [], ArtifactCache(tmp_path)
