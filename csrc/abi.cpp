@@ -178,7 +178,8 @@ DISTPP_API const char* distpp_error_string(int status) {
     case DISTPP_ERROR_INVALID_STEP: return "DISTPP_ERROR_INVALID_STEP: step is outside the schedule tables";
     case DISTPP_ERROR_CUDA: return "DISTPP_ERROR_CUDA: the CUDA launch failed";
     case DISTPP_ERROR_UNSUPPORTED: return "DISTPP_ERROR_UNSUPPORTED: reserved (not returned by this version)";
-    case DISTPP_ERROR_INVALID_ARGUMENT: return "DISTPP_ERROR_INVALID_ARGUMENT: a flag is invalid or contradicts a pointer";
+    case DISTPP_ERROR_INVALID_ARGUMENT:
+      return "DISTPP_ERROR_INVALID_ARGUMENT: a flag is invalid or contradicts a pointer";
     case DISTPP_ERROR_ABI_MISMATCH: return "DISTPP_ERROR_ABI_MISMATCH: the params struct is from another ABI version";
     default: return "DISTPP_ERROR_UNKNOWN: not a distpp_status";
   }
