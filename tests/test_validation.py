@@ -233,3 +233,125 @@ def test_one_reused_buffer_model_cannot_be_student_and_teacher():
     with pytest.raises(ConfigError, match="build a second instance for the teacher"):
         Sampler(r, r, SamplerConfig(kernel_impl="torch"))
     Sampler(r, Reusing(acp), SamplerConfig(kernel_impl="torch"))  # two instances are fine
+
+
+# --- issue 13: numbers and sizes beyond what float32 / the fused ops / memory hold --------------------
+F32_MAX = float(torch.finfo(torch.float32).max)
+HUGE = 10**400  # an int no float holds
+
+
+@pytest.mark.xfail(strict=True, reason="issue 13 item 7: huge ints for lam/cfg raise a raw OverflowError")
+@pytest.mark.parametrize("where", ["config", "call", "call_per_sample"])
+@pytest.mark.parametrize("name", ["lam", "cfg"])
+def test_huge_int_lam_cfg_are_config_errors(where, name):
+    with pytest.raises(ConfigError, match=name) as e:
+        if where == "config":
+            SamplerConfig(**{name: HUGE})
+        else:
+            s, st, tt = sampler()
+            cond, uncond = gaussian_conds(2)
+            v = HUGE if where == "call" else [0.5, HUGE]
+            try:
+                s.sample(cond, uncond=uncond, latent_shape=SHAPE, **{name: v})
+            finally:
+                _no_model_calls(s, st, tt)
+    assert len(str(e.value)) < 300, "the message repeats a 400-digit number"
+
+
+@pytest.mark.xfail(strict=True, reason="issue 13 item 4: cfg finite in float64 but inf in float32 is accepted")
+@pytest.mark.parametrize("value", [1e39, F32_MAX * (1 + 1e-7), "np", "tensor"])
+def test_cfg_beyond_float32_is_a_config_error(value):
+    import numpy as np
+
+    value = {"np": np.float64(1e39), "tensor": torch.tensor(1e39, dtype=torch.float64)}.get(value, value)
+    assert torch.tensor(float(value)).isinf()  # what the loop would compute with
+    with pytest.raises(ConfigError, match=r"cfg .* at most 3.4"):
+        SamplerConfig(cfg=value)
+    s, st, tt = sampler()
+    cond, uncond = gaussian_conds(2)
+    for v in (value, [7.5, value]):
+        with pytest.raises(ConfigError, match=r"cfg .* at most 3.4"):
+            s.sample(cond, uncond=uncond, latent_shape=SHAPE, cfg=v)
+    _no_model_calls(s, st, tt)
+    assert SamplerConfig(cfg=F32_MAX).cfg == F32_MAX  # the bound itself is accepted
+
+
+@pytest.mark.xfail(strict=True, reason="issue 13 item 4: SamplerConfig refuses numpy / 0-d tensor lam and cfg")
+def test_config_takes_numpy_and_tensor_scalars_as_floats():
+    import numpy as np
+
+    c = SamplerConfig(lam=np.float32(0.25), cfg=torch.tensor(3))
+    assert (c.lam, c.cfg, c.resolved_lam) == (0.25, 3.0, 0.25)
+    assert type(c.lam) is float and type(c.cfg) is float and hash(c)  # stored as plain floats
+    with pytest.raises(ConfigError, match="lam"):
+        SamplerConfig(lam=True)  # a bool is not a number here (as for per-call values)
+
+
+@pytest.mark.xfail(strict=True, reason="issue 13 item 4: check_finite checks inputs before their cast to float32")
+@pytest.mark.parametrize("case", ["noise", "cond", "uncond", "noise_times_sigma"])
+def test_check_finite_checks_inputs_as_cast(case):
+    """float64 inputs finite as float64 but inf in the dtype they are used in are caught by check_finite."""
+    family = "euler" if case == "noise_times_sigma" else "lcm"  # euler's init_noise_sigma is ~14.6
+    s, st, tt = sampler(check_finite=True, family=family)
+    cond, uncond = gaussian_conds(2)
+    kw = dict(uncond=uncond, latent_shape=SHAPE)
+    if case == "noise":
+        nz = torch.randn((2,) + SHAPE, dtype=torch.float64)
+        nz[1, 0, 0, 0] = 1e39
+        kw = dict(uncond=uncond, noise=nz)
+    elif case == "noise_times_sigma":
+        kw = dict(uncond=uncond, noise=torch.full((2,) + SHAPE, 1e38))  # finite float32 input
+    elif case == "cond":
+        e = cond.encoder_hidden_states.double()
+        e[0, 1, 2] = -1e39
+        cond = Cond(e)
+    else:
+        kw["uncond"] = Cond(torch.full((1, 3, 8), 1e39, dtype=torch.float64))
+    with pytest.raises(InputError, match="contains NaN or inf after"):
+        s.sample(cond, **kw)
+    _no_model_calls(s, st, tt)
+
+
+@pytest.mark.xfail(strict=True, reason="issue 13 item 4: check_finite does not check the result")
+def test_check_finite_refuses_a_non_finite_result():
+    """cfg = float32's max is accepted, but the guidance overflows with it: with check_finite a non-finite
+    result is an InputError that says what to lower, from Sampler.sample and GraphRunner.sample."""
+    from distpp import GraphRunner
+
+    cond, uncond = gaussian_conds(2)
+    kw = dict(uncond=uncond, latent_shape=SHAPE, cfg=F32_MAX, seeds=[1, 2])
+    plain, _, _ = sampler()
+    assert not torch.isfinite(plain.sample(cond, **kw)).all()  # the premise: this overflows
+    s, _, _ = sampler(check_finite=True)
+    for call in (s.sample, GraphRunner(s, graphs=False).sample):
+        with pytest.raises(InputError, match=r"not finite.*lower cfg \(up to 3.4e\+38\)"):
+            call(cond, **kw)
+    out = s.sample(cond, **{**kw, "cfg": 7.5})
+    assert torch.isfinite(out).all()
+
+
+@pytest.mark.xfail(strict=True, reason="issue 13 item 7: an overflowing latent_shape raises a raw torch RuntimeError")
+@pytest.mark.parametrize("shape", [(4, 2**31, 2**31), (4, 2**62, 2**62), (4, 2**100, 1)])
+def test_overflowing_latent_shape_is_an_input_error(shape):
+    s, st, tt = sampler()
+    cond, uncond = gaussian_conds(2)
+    with pytest.raises(InputError, match=r"at most 1073741824 \(2\*\*30\) elements per sample"):
+        s.sample(cond, uncond=uncond, latent_shape=shape)
+    _no_model_calls(s, st, tt)
+
+
+@pytest.mark.xfail(strict=True, reason="issue 13 item 7: latent buffers beyond the device's memory are allocated")
+def test_latent_buffers_beyond_device_memory_are_an_input_error(monkeypatch):
+    """A shape the fused ops could index but whose buffers alone exceed the device's memory is refused
+    before anything is allocated (here with the memory size patched to 1 MiB, so nothing big is tried)."""
+    import distpp.sampler as sampler_mod
+
+    monkeypatch.setattr(sampler_mod, "device_memory_bytes", lambda device: 2**20, raising=False)
+    s, st, tt = sampler()
+    cond, uncond = gaussian_conds(2)
+    with pytest.raises(InputError, match=r"1\.0 MiB.*at most \d+ elements per sample"):
+        s.sample(cond, uncond=uncond, latent_shape=(4, 128, 128))
+    with pytest.raises(InputError, match="MiB"):
+        s.sample(cond, uncond=uncond, noise=torch.randn(2, 4, 128, 128))
+    _no_model_calls(s, st, tt)
+    assert s.sample(cond, uncond=uncond, latent_shape=(4, 8, 8)).shape == (2, 4, 8, 8)
