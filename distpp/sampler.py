@@ -39,6 +39,10 @@ class Plan:
     t_student:[N, B] float32 student timesteps; t_teacher: [G, 2B] float32 teacher timesteps.
     lam, cfg: [B] float32 (device-resident: a captured graph reads them at replay).
     cond_s:   prepared student Cond [B]; cond_t: prepared teacher Cond [2B] (uncond rows first).
+    m_s, m_t: [B, C, H, W] and [2B, C, H, W] float32 contiguous buffers: a prediction that is not contiguous
+              (a UNet in channels_last) is copied into them before the fused ops, which index contiguous
+              memory; float32 holds every prediction dtype exactly. None (a Plan built by hand): such a
+              prediction is made contiguous per step instead, which allocates.
     """
 
     x: torch.Tensor
@@ -54,6 +58,8 @@ class Plan:
     cond_s: Cond
     cond_t: Cond | None
     guided_steps: int
+    m_s: torch.Tensor | None = None
+    m_t: torch.Tensor | None = None
 
     @property
     def batch(self) -> int:
@@ -70,7 +76,7 @@ def run_loop(student, teacher, ops: FusedOps, schedule: Schedule, plan: Plan, ti
     if timer is not None:
         timer.lap("other")  # what came before the loop (prepare) counts as "other"
     for k in range(N):
-        m_s = _checked("student", student(plan.x_in, plan.t_student[k], plan.cond_s), plan.x)
+        m_s = _contiguous(_checked("student", student(plan.x_in, plan.t_student[k], plan.cond_s), plan.x), plan.m_s)
         if timer is not None:
             timer.lap("student")
         z = plan.z[k] if schedule.draws_noise[k] else None
@@ -79,7 +85,8 @@ def run_loop(student, teacher, ops: FusedOps, schedule: Schedule, plan: Plan, ti
             ops.student_update(plan.x, m_s, plan.n[k], coef, plan.gcoef, k, plan.t_in)
             if timer is not None:
                 timer.lap("guidance")
-            m_t = _checked("teacher", teacher(plan.t_in, plan.t_teacher[k], plan.cond_t), plan.t_in)
+            m_t = _contiguous(_checked("teacher", teacher(plan.t_in, plan.t_teacher[k], plan.cond_t), plan.t_in),
+                              plan.m_t)
             if timer is not None:
                 timer.lap("teacher")
             ops.guided_update(plan.x, m_s, plan.n[k], m_t, z, coef, plan.gcoef, plan.lam, plan.cfg, k,
@@ -101,6 +108,17 @@ def _checked(who: str, m, like: torch.Tensor) -> torch.Tensor:
                          f"{getattr(m, 'dtype', '')} for an input of shape {tuple(like.shape)}; a Denoiser must "
                          "return a float prediction of its input's shape")
     return m
+
+
+def _contiguous(m: torch.Tensor, buf: torch.Tensor | None) -> torch.Tensor:
+    """``m`` itself when contiguous (no copy), else ``m`` copied into the plan's buffer ``buf``. Checks host
+    metadata only; in a captured graph the branch taken at capture holds, as the model's layout does."""
+    if m.is_contiguous():
+        return m
+    if buf is None:
+        return m.contiguous()
+    buf.copy_(m)
+    return buf
 
 
 def device_guard(device: torch.device):
@@ -276,8 +294,11 @@ class Sampler:
         cond_s = prepare_cond(self.student, cond.to(dev, self.dtype))
         if cond_t is not None:
             cond_t = prepare_cond(self.teacher, cond_t.to(dev, self.teacher_dtype))
+        m_s = torch.empty(shape, **f32)
+        m_t = torch.empty((2 * B,) + tuple(shape[1:]), **f32) if G > 0 else None
         return Plan(x=x, x_in=x_in, z=z, n=n, t_in=t_in, gcoef=gcoef, t_student=t_student, t_teacher=t_teacher,
-                    lam=_to_device(lam_v, dev), cfg=_to_device(cfg_v, dev), cond_s=cond_s, cond_t=cond_t, guided_steps=G)
+                    lam=_to_device(lam_v, dev), cfg=_to_device(cfg_v, dev), cond_s=cond_s, cond_t=cond_t, guided_steps=G,
+                    m_s=m_s, m_t=m_t)
 
     # ------------------------------------------------------------------------------------------------
     def _latent_shape(self, B, latent_shape, noise, spec: ModelSpec) -> tuple[int, ...]:

@@ -39,8 +39,7 @@ def test_channels_last_unet_predictions_are_not_contiguous(tiny_pair, cl_pair):
     assert rel_err(out, ref) <= 1e-5
 
 
-@pytest.mark.parametrize("impl", ["torch", pytest.param("triton", marks=pytest.mark.xfail(
-    strict=True, reason="issue 13 item 8: the Triton ops refuse a non-contiguous m_s"))])
+@pytest.mark.parametrize("impl", ["torch", "triton"])
 @pytest.mark.parametrize("family,G", CASES)
 def test_channels_last_unets_sample_like_contiguous_ones(tiny_pair, cl_pair, impl, family, G):
     cond, uncond = tiny_pair.random_cond(2, seed=11)
@@ -52,7 +51,6 @@ def test_channels_last_unets_sample_like_contiguous_ones(tiny_pair, cl_pair, imp
     assert ref.std() > 0.1
 
 
-@pytest.mark.xfail(strict=True, reason="issue 13 item 8: no contiguous prediction buffers in the static plan")
 @pytest.mark.parametrize("family,G", CASES)
 def test_graph_runner_takes_channels_last_unets(tiny_pair, cl_pair, family, G):
     """The runner's static buffers (alloc_static) include the prediction buffers too."""
@@ -62,7 +60,6 @@ def test_graph_runner_takes_channels_last_unets(tiny_pair, cl_pair, family, G):
     assert rel_err(out, ref) <= 1e-5
 
 
-@pytest.mark.xfail(strict=True, reason="issue 13 item 8: the loop hands a channels_last prediction to the ops as is")
 def test_loop_copies_into_the_plan_buffers_without_allocating(tiny_pair, cl_pair):
     """Every op gets the plan's own contiguous prediction buffers for a channels_last model (one copy per
     forward, no allocation), and the model's output itself for a contiguous one (no copy)."""

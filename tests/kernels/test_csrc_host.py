@@ -140,7 +140,6 @@ def test_params_structs_match_the_header():
     assert ctypes.sizeof(csrc_ops.GuidedUpdateParams) == 11 * 8 + 5 * 8 + 3 * 4 + 4  # padded to 8
 
 
-@pytest.mark.xfail(strict=True, reason="issue 13 item 8: the C library's Python layer refuses a non-contiguous m_s")
 def test_host_ops_take_channels_last_unet_predictions(host_lib, tiny_pair):
     """A sampler over channels_last tiny UNets (non-contiguous predictions) with the C library's ops gives
     the contiguous-model result (issue 13 item 8; the Triton and torch twins are in test_channels_last.py)."""
