@@ -298,7 +298,7 @@ class GraphRunner:
         """
         with device_guard(self.sampler.device):
             plan = self.sampler.prepare(cond, **kw)
-            return self._run(plan, copy=copy, timer=timer)
+            return self.sampler.check_result(self._run(plan, copy=copy, timer=timer), plan)
 
     def warmup(self, cond: Cond, *, batch_sizes: Iterable[int] | None = None, **kw) -> list[GraphKey]:
         """Capture (or, off CUDA, build the buffers of) the graphs for ``batch_sizes`` (default: cond's
