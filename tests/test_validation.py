@@ -79,6 +79,8 @@ def _no_model_calls(s, st, tt):
     ("nan_cond", "contains NaN or inf"),
     ("nan_noise", "noise contains NaN or inf"),
     ("not_cond", "must be a distpp.Cond"),
+    pytest.param("latent_int_vs_noise", r"latent_shape must be \(C, H, W\), got 4", marks=pytest.mark.xfail(
+        strict=True, reason="issue 13 item 7: latent_shape=4 beside noise gives a raw TypeError")),
 ])
 def test_input_errors_before_any_forward(case, match):
     s, st, tt = sampler(check_finite=True)
@@ -115,6 +117,8 @@ def test_input_errors_before_any_forward(case, match):
         kw = dict(uncond=uncond, noise=nz)
     elif case == "not_cond":
         cond = cond.encoder_hidden_states
+    elif case == "latent_int_vs_noise":
+        kw = dict(uncond=uncond, noise=torch.randn((2,) + SHAPE), latent_shape=4)
     with pytest.raises(ConfigError if case == "lam_range" else InputError, match=match):
         s.sample(cond, **kw)
     _no_model_calls(s, st, tt)

@@ -122,7 +122,8 @@ FAULTS = ("cond_dtype", "cond_device", "cond_rank", "cond_width", "cond_empty", 
           "uncond_rows", "uncond_tokens", "uncond_missing", "uncond_tensor", "latent_channels", "latent_size",
           "latent_float", "latent_len", "latent_str", "latent_vs_noise", "noise_batch", "noise_rank", "noise_dtype", "noise_meta",
           "nan_noise", "seeds_huge", "seeds_neg", "seeds_short", "seeds_scalar", "gens_ints", "lam_range",
-          "lam_nan", "lam_len", "lam_str", "lam_huge", "cfg_neg", "cfg_inf", "cfg_len", "cfg_huge", "latent_huge")
+          "lam_nan", "lam_len", "lam_str", "lam_huge", "cfg_neg", "cfg_inf", "cfg_len", "cfg_huge", "latent_huge",
+          "latent_int_vs_noise")
 
 
 @st.composite
@@ -169,6 +170,7 @@ def sample_calls(draw):
         "latent_len": lambda: dict(latent_shape=(CH, h)),
         "latent_str": lambda: dict(latent_shape="4x8x8"),
         "latent_vs_noise": lambda: dict(noise=torch.randn(B, CH, h, w), latent_shape=(CH, h + 1, w)),
+        "latent_int_vs_noise": lambda: dict(noise=torch.randn(B, CH, h, w), latent_shape=CH),
         "noise_batch": lambda: dict(noise=torch.randn(B + 1, CH, h, w)),
         "noise_rank": lambda: dict(noise=torch.randn(B, CH, h)),
         "noise_dtype": lambda: dict(noise=torch.ones(B, CH, h, w, dtype=torch.int32)),
