@@ -349,7 +349,10 @@ class Sampler:
                                  f"{getattr(noise, 'shape', type(noise).__name__)}")
             if noise.shape[0] != B:
                 raise InputError(f"noise has batch {noise.shape[0]} but cond has {B} rows; they must match")
-            if latent_shape is not None and tuple(latent_shape) != tuple(noise.shape[1:]):
+            given = None if latent_shape is None else _as_tuple(latent_shape)
+            if latent_shape is not None and given is None:
+                raise InputError(f"latent_shape must be (C, H, W), got {latent_shape!r}")
+            if given is not None and given != tuple(noise.shape[1:]):
                 raise InputError(f"latent_shape {latent_shape!r} disagrees with noise of shape {tuple(noise.shape)}; "
                                  "pass one of them")
             shape = tuple(noise.shape)
@@ -411,6 +414,14 @@ class Sampler:
             raise InputError(f"seeds must be {B} non-negative ints below 2**64 - 2**32 (one per sample), "
                              f"got {seeds!r}")
         return make_generators(seeds, self.device), make_generators(seeds, self.device, GUIDANCE_SEED_OFFSET)
+
+
+def _as_tuple(v: Any) -> tuple | None:
+    """``tuple(v)``, or None when ``v`` is not iterable (a latent_shape of 4)."""
+    try:
+        return tuple(v)
+    except TypeError:
+        return None
 
 
 def _per_sample(name: str, v: Any, B: int, check) -> torch.Tensor:

@@ -79,8 +79,7 @@ def _no_model_calls(s, st, tt):
     ("nan_cond", "contains NaN or inf"),
     ("nan_noise", "noise contains NaN or inf"),
     ("not_cond", "must be a distpp.Cond"),
-    pytest.param("latent_int_vs_noise", r"latent_shape must be \(C, H, W\), got 4", marks=pytest.mark.xfail(
-        strict=True, reason="issue 13 item 7: latent_shape=4 beside noise gives a raw TypeError")),
+    ("latent_int_vs_noise", r"latent_shape must be \(C, H, W\), got 4"),
 ])
 def test_input_errors_before_any_forward(case, match):
     s, st, tt = sampler(check_finite=True)
