@@ -9,6 +9,7 @@ import json
 import os
 import shutil
 
+import numpy as np
 import pytest
 import torch
 
@@ -20,6 +21,24 @@ from tiny_repos import VOCAB_MAX_LEN, _has_peft, tiny_repos_for
 @pytest.fixture(scope="session")
 def repos(tmp_path_factory):
     return tiny_repos_for(tmp_path_factory)
+
+
+@pytest.fixture
+def no_weights(monkeypatch):
+    """Any weights load fails the test: configs and file headers may be read, tensors may not."""
+    import diffusers
+    import safetensors.torch
+    import transformers
+
+    def loaded(*a, **k):
+        raise AssertionError("weights were loaded for a config that cannot run")
+
+    for cls in (diffusers.UNet2DConditionModel, diffusers.AutoencoderKL, transformers.CLIPTextModel,
+                transformers.CLIPTextModelWithProjection):
+        monkeypatch.setattr(cls, "from_pretrained", loaded)
+    monkeypatch.setattr(safetensors.torch, "load_file", loaded)
+    real_load = torch.load
+    monkeypatch.setattr(torch, "load", lambda *a, **k: real_load(*a, **k) if k.get("mmap") else loaded())
 
 
 @pytest.fixture(scope="module")
@@ -198,19 +217,22 @@ def test_unknown_family_is_refused_before_anything_loads(tmp_path):
         Pipeline.from_pretrained(student="a", teacher="b", family="lcm", student_kind="ckpt")
 
 
-def test_device_dtype_and_schedule_are_refused_before_any_weights_load(monkeypatch, tmp_path, repos):
-    import distpp.pipeline as pl
-
-    def no_loading(*a, **k):
-        raise AssertionError("weights were loaded for a config that cannot run")
-
-    monkeypatch.setattr(pl, "_load_unet", no_loading)
+def test_device_dtype_and_schedule_are_refused_before_any_weights_load(no_weights, tmp_path, repos):
     with pytest.raises(ConfigError, match="float16 is not supported on CPU"):
         Pipeline.from_pretrained(student=str(tmp_path / "nope"), teacher=str(tmp_path / "nope"), family="lcm",
                                  device="cpu", dtype=torch.float16)
-    with pytest.raises(ConfigError, match="lcm scheduler refused"):
+    # LCM's step cap in distpp's words: diffusers' own message is about `strength`, which distpp does not have
+    with pytest.raises(ConfigError, match=r"steps=60 is more than the lcm schedule's original_inference_steps \(50\)") \
+            as e:
         Pipeline.from_pretrained(student=repos["sd_lcm"], teacher=repos["sd_teacher"], family="lcm", steps=60,
                                  local_files_only=True)
+    assert "strength" not in str(e.value)
+    with pytest.raises(ConfigError, match="unknown backend 'fast'"):
+        Pipeline.from_pretrained(student=repos["sd_lcm"], teacher=repos["sd_teacher"], family="lcm",
+                                 local_files_only=True, backend="fast")
+    with pytest.raises(ConfigError, match="graphs must be"):
+        Pipeline.from_pretrained(student=repos["sd_lcm"], teacher=repos["sd_teacher"], family="lcm",
+                                 local_files_only=True, graphs="yes")
 
 
 def test_home_relative_paths_are_expanded(monkeypatch, repos):
@@ -270,7 +292,7 @@ def test_bad_call_arguments(sd_pipe):
     with pytest.raises(InputError, match="multiples of the VAE scale factor 2"):
         sd_pipe(["a"], height=31)
     with pytest.raises(ConfigError, match="output_type"):
-        sd_pipe(["a"], output_type="np")
+        sd_pipe(["a"], output_type="jpeg")
 
 
 @pytest.mark.cuda
@@ -290,12 +312,201 @@ def test_unreachable_hub_is_reported_as_such(monkeypatch):
     import huggingface_hub
     from huggingface_hub.errors import LocalEntryNotFoundError
 
-    import distpp.pipeline as pl
+    from distpp.pipeline.fetch import fetch
 
     def unreachable(*a, **k):
         raise LocalEntryNotFoundError("network is unreachable")
 
     monkeypatch.setattr(huggingface_hub, "hf_hub_download", unreachable)
     with pytest.raises(WeightsNotFoundError, match="could not reach the Hub"):
-        pl._fetch("org/model", "model_index.json", None, offline=False)
-    assert pl._fetch("org/model", "model_index.json", None, offline=True) is None
+        fetch("org/model", "model_index.json", None, False)
+    assert fetch("org/model", "model_index.json", None, True) is None
+
+
+# ------------------------------------------------------------------------------------------------------
+# Unguided (guided_steps=0) images equal diffusers' own pipeline for each student form, same prompts and
+# per-sample generators (the randomness contract), no CFG for the student (as distilled students run).
+# ------------------------------------------------------------------------------------------------------
+PROMPTS, SEEDS = ["a cat", "a red dog"], [3, 4]
+
+
+def _lcm_scheduler():
+    from diffusers import LCMScheduler
+
+    from distpp.schedules import SD_SCHEDULE
+
+    return LCMScheduler(**SD_SCHEDULE, original_inference_steps=50, timestep_scaling=10.0)
+
+
+def _sd_with(repos, teacher, **components):
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+
+    if "xl" in teacher:
+        return StableDiffusionXLPipeline.from_pretrained(repos[teacher], **components)
+    return StableDiffusionPipeline.from_pretrained(repos[teacher], safety_checker=None, feature_extractor=None,
+                                                   requires_safety_checker=False, **components)
+
+
+def _unet_with_file(repos, file):
+    from diffusers import UNet2DConditionModel
+
+    from distpp.pipeline.fetch import load_state_dict
+
+    unet = UNet2DConditionModel.from_pretrained(repos["xl_teacher"], subfolder="unet")
+    unet.load_state_dict(load_state_dict(os.path.join(repos["xl_file"], file)))
+    return unet
+
+
+def _lcm_pipeline(repos, student):
+    from diffusers import LatentConsistencyModelPipeline
+
+    return LatentConsistencyModelPipeline.from_pretrained(repos[student])
+
+
+def _lora_pipeline(repos, lora):
+    pipe = _sd_with(repos, "sd_teacher", scheduler=_lcm_scheduler())
+    pipe.load_lora_weights(repos[lora])  # the adapter stays unfused, at scale 1
+    return pipe
+
+
+def _xl_pipeline(repos, student):
+    from diffusers import StableDiffusionXLPipeline
+
+    return StableDiffusionXLPipeline.from_pretrained(repos[student])
+
+
+# name: (distpp from_pretrained kwargs, diffusers pipeline builder, diffusers call kwargs)
+DIFFUSERS_CASES = {
+    "sd15_lcm_pipeline": (dict(student="sd_lcm_pipe", teacher="sd_teacher", family="lcm", steps=2),
+                          lambda r: _lcm_pipeline(r, "sd_lcm_pipe"), dict(num_inference_steps=2, guidance_scale=8.5)),
+    "sd15_lcm_other_tokenizer": (dict(student="sd_lcm_tok", teacher="sd_teacher", family="lcm", steps=2),
+                                 lambda r: _lcm_pipeline(r, "sd_lcm_tok"),
+                                 dict(num_inference_steps=2, guidance_scale=8.5)),
+    "lcm_lora": (dict(student="lora", teacher="sd_teacher", family="lcm", steps=2),
+                 lambda r: _lora_pipeline(r, "lora"), dict(num_inference_steps=2, guidance_scale=1.0)),
+    "lcm_lora_metadata": (dict(student="lora_meta", teacher="sd_teacher", family="lcm", steps=2),
+                          lambda r: _lora_pipeline(r, "lora_meta"), dict(num_inference_steps=2, guidance_scale=1.0)),
+    "sdxl_lcm_unet_latents_mean": (
+        dict(student="xl_lcm", teacher="xl_teacher_lm", family="lcm", steps=2),
+        lambda r: _sd_with(r, "xl_teacher_lm", unet=__import__("diffusers").UNet2DConditionModel.from_pretrained(
+            r["xl_lcm"]), scheduler=_lcm_scheduler()),
+        dict(num_inference_steps=2, guidance_scale=8.5)),
+    "turbo_euler_a": (dict(student="xl_turbo", teacher="xl_teacher", family="euler_a", steps=2),
+                      lambda r: _xl_pipeline(r, "xl_turbo"), dict(num_inference_steps=2, guidance_scale=0.0)),
+    "lightning_euler": (
+        dict(student="xl_file", student_weights="student_unet.safetensors", teacher="xl_teacher", family="euler",
+             steps=2),
+        lambda r: _sd_with(r, "xl_teacher", unet=_unet_with_file(r, "student_unet.safetensors"),
+                           scheduler=__import__("diffusers").EulerDiscreteScheduler(
+                               beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                               timestep_spacing="trailing")),
+        dict(num_inference_steps=2, guidance_scale=0.0)),
+    "dmd2": (dict(student="xl_file", student_weights="student_unet.bin", teacher="xl_teacher", family="dmd2"),
+             lambda r: _sd_with(r, "xl_teacher", unet=_unet_with_file(r, "student_unet.bin"),
+                                scheduler=_lcm_scheduler()),
+             dict(timesteps=[999, 749, 499, 249], guidance_scale=0.0)),
+}
+
+
+@pytest.mark.parametrize("case", sorted(DIFFUSERS_CASES))
+def test_unguided_images_equal_diffusers_pipeline(repos, case):
+    ours_kw, build, call_kw = DIFFUSERS_CASES[case]
+    if "lora" in ours_kw["student"] and not _has_peft():
+        pytest.skip("LoRA students need peft")
+    kw = {k: repos[v] if k in ("student", "teacher") else v for k, v in ours_kw.items()}
+    pipe = Pipeline.from_pretrained(**kw, local_files_only=True, guided_steps=0)
+    ours = pipe(PROMPTS, seeds=SEEDS, output_type="pt", height=32, width=32)
+    ref_pipe = build(repos)
+    ref_pipe.set_progress_bar_config(disable=True)
+    with torch.no_grad():
+        ref = ref_pipe(PROMPTS, generator=[torch.Generator().manual_seed(s) for s in SEEDS], output_type="pt",
+                       height=32, width=32, **call_kw).images
+    assert ours.shape == ref.shape == (2, 3, 32, 32)
+    err = float((ours - ref).abs().max())
+    assert err <= 1e-5, f"{case}: max abs image difference {err:.2e} vs diffusers"
+    assert float(ref.std()) > 1e-3  # a real image, not a constant one both sides agree on
+    np_images = pipe(PROMPTS, seeds=SEEDS, output_type="np", height=32, width=32)
+    assert np_images.shape == (2, 32, 32, 3) and np_images.dtype.name == "float32"
+    assert np.array_equal(np_images, ours.permute(0, 2, 3, 1).numpy())
+
+
+def test_latents_mean_and_std_are_applied(repos):
+    """The VAE's latents_mean / latents_std (SDXL-style configs) change the decode, as in diffusers."""
+    pipe = Pipeline.from_pretrained(student=repos["xl_lcm"], teacher=repos["xl_teacher_lm"], family="lcm",
+                                    local_files_only=True, steps=1, guided_steps=0)
+    cfg = pipe.vae.config
+    assert cfg.latents_mean is not None and cfg.latents_std is not None
+    g = torch.Generator().manual_seed(0)
+    latents = torch.randn(1, 4, 16, 16, generator=g)
+    mean, std = (torch.tensor(v).view(1, 4, 1, 1) for v in (cfg.latents_mean, cfg.latents_std))
+    with torch.no_grad():
+        ref = (pipe.vae.decode(latents * std / cfg.scaling_factor + mean).sample / 2 + 0.5).clamp(0, 1)
+        plain = (pipe.vae.decode(latents / cfg.scaling_factor).sample / 2 + 0.5).clamp(0, 1)
+    out = pipe.decode(latents)
+    assert float((out - ref).abs().max()) <= 1e-6
+    assert float((plain - ref).abs().max()) > 1e-2
+
+
+@pytest.mark.skipif(not _has_peft(), reason="LoRA students need peft")
+def test_lora_adapter_metadata_sets_the_scale(repos):
+    """Same LoRA factors, saved with and without diffusers' adapter metadata (rank 4, alpha 8): with it
+    the fused change is alpha / rank = 2 times the one read without it (alpha inferred = rank)."""
+    from tiny_repos import LORA_ALPHA, LORA_RANK
+
+    kw = dict(teacher=repos["sd_teacher"], family="lcm", local_files_only=True, steps=1, guided_steps=0)
+    plain = Pipeline.from_pretrained(student=repos["lora"], **kw)
+    meta = Pipeline.from_pretrained(student=repos["lora_meta"], **kw)
+    assert meta.report.lora_metadata and not plain.report.lora_metadata
+    name = "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q.weight"
+    base = plain.teacher.unet.state_dict()[name]
+    d_plain = plain.student.unet.state_dict()[name] - base
+    d_meta = meta.student.unet.state_dict()[name] - base
+    assert float(d_plain.abs().max()) > 1e-3
+    assert_close(d_meta, (LORA_ALPHA / LORA_RANK) * d_plain, 1e-5, "fused delta with metadata")
+
+
+def test_encoders_with_other_tokenizers_are_not_shared(repos):
+    shared = Pipeline.from_pretrained(student=repos["sd_lcm_pipe"], teacher=repos["sd_teacher"], family="lcm",
+                                      local_files_only=True, steps=1)
+    assert shared.report.shared_text_encoders and shared.teacher_text is None
+    other = Pipeline.from_pretrained(student=repos["sd_lcm_tok"], teacher=repos["sd_teacher"], family="lcm",
+                                     local_files_only=True, steps=1)
+    assert not other.report.shared_text_encoders and other.teacher_text is not None
+    # same encoder weights, other ids: the student's and the teacher's states for "a cat" differ
+    s_states, _ = other.student_text.encode(["a cat"])
+    t_states, _ = other.teacher_text.encode(["a cat"])
+    assert rel_err(s_states, t_states) > 1e-3
+    c = other.encode(["a cat"], [""], 32, 32)
+    assert torch.equal(c["cond"].encoder_hidden_states, s_states)
+    assert torch.equal(c["teacher_cond"].encoder_hidden_states, t_states)
+
+
+def test_unet_file_of_another_architecture_is_refused_before_loading(no_weights, repos):
+    with pytest.raises(ConfigError, match=r"does not fit the teacher's UNet: \d+ tensors of another shape \(e.g. "
+                                          r"'.*attn2.to_k.weight': \(\d+, 16\) in the file, \(\d+, 32\)"):
+        Pipeline.from_pretrained(student=repos["sd_file"], student_weights="other_width.safetensors",
+                                 teacher=repos["sd_teacher"], family="euler", local_files_only=True)
+    # an SDXL-style file on an SD1.5-style teacher; a torch .bin is read memory-mapped
+    with pytest.raises(ConfigError, match="does not fit the teacher's UNet: 4 unexpected keys"):
+        Pipeline.from_pretrained(student=repos["xl_file"], student_weights="student_unet.bin",
+                                 teacher=repos["sd_teacher"], family="dmd2", local_files_only=True)
+
+
+def _tiny(repos, student, teacher, family, **kw):
+    """Pipeline.from_pretrained on two tiny repos (by name), offline."""
+    return Pipeline.from_pretrained(student=repos[student], teacher=repos[teacher], family=family,
+                                    local_files_only=True, **kw)
+
+
+def test_family_must_fit_the_student_pipelines_scheduler(no_weights, repos):
+    with pytest.raises(ConfigError, match=r"steps with LCMScheduler \(family lcm or dmd2\) but family='euler' "
+                                          r"was passed: pass family='lcm', or allow_family_mismatch=True"):
+        _tiny(repos, "sd_lcm_pipe", "sd_teacher", "euler")
+    with pytest.raises(ConfigError, match="EulerAncestralDiscreteScheduler .*pass family='euler_a'"):
+        _tiny(repos, "xl_turbo", "xl_teacher", "lcm")
+
+
+def test_family_mismatch_can_be_allowed(repos):
+    with pytest.warns(UserWarning, match="sampling it as 'euler' because allow_family_mismatch=True"):
+        pipe = _tiny(repos, "sd_lcm_pipe", "sd_teacher", "euler", allow_family_mismatch=True, steps=1)
+    assert pipe.config.family == "euler"
