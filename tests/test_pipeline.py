@@ -233,6 +233,9 @@ def test_device_dtype_and_schedule_are_refused_before_any_weights_load(no_weight
     with pytest.raises(ConfigError, match="graphs must be"):
         Pipeline.from_pretrained(student=repos["sd_lcm"], teacher=repos["sd_teacher"], family="lcm",
                                  local_files_only=True, graphs="yes")
+    with pytest.raises(ConfigError, match="positive multiples of the VAE scale factor 2"):
+        Pipeline.from_pretrained(student=repos["sd_lcm"], teacher=repos["sd_teacher"], family="lcm",
+                                 local_files_only=True, sizes=[(31, 32)])
 
 
 def test_home_relative_paths_are_expanded(monkeypatch, repos):
@@ -510,3 +513,71 @@ def test_family_mismatch_can_be_allowed(repos):
     with pytest.warns(UserWarning, match="sampling it as 'euler' because allow_family_mismatch=True"):
         pipe = _tiny(repos, "sd_lcm_pipe", "sd_teacher", "euler", allow_family_mismatch=True, steps=1)
     assert pipe.config.family == "euler"
+
+
+# ------------------------------------------------------------------------------------------------------
+# The Runtime behind the pipeline: graphs, buckets, timers, lifecycle.
+# ------------------------------------------------------------------------------------------------------
+def _sibling(pipe: Pipeline, **runtime) -> Pipeline:
+    """Another Pipeline on ``pipe``'s loaded parts (no reload) with other runtime options."""
+    return Pipeline(pipe.student.unet, pipe.teacher.unet, pipe.vae, pipe.student_text, pipe.teacher_text,
+                    config=pipe.config, device=pipe.device, dtype=pipe.dtype,
+                    force_zeros_for_empty_prompt=pipe.force_zeros_for_empty_prompt, **runtime)
+
+
+def test_graphs_on_equals_graphs_off_bit_for_bit(xl_pipe):
+    """graphs=True (off CUDA: the GraphRunner's loop over its static buffers) gives the very images of
+    graphs=False; every call reaches the runner's warmed bucket."""
+    off = _sibling(xl_pipe, graphs=False)
+    on = _sibling(xl_pipe, graphs=True, batch_sizes=(2,))
+    assert not off.runtime.stats.graphs and on.runtime.stats.graphs
+    records = on.warmup(guided_steps=[1, 0], progress=False)
+    assert [(r.config.guided_steps, r.batch, r.latent_shape) for r in records] == [(1, 2, (4, 16, 16)),
+                                                                                  (0, 2, (4, 16, 16))]
+    warmed = on.runtime.stats.static_runs  # warmup ran each bucket once
+    for g in (1, 0):
+        a = off(["a cat", "a mat"], seeds=[5, 6], guided_steps=g, output_type="pt")
+        b = on(["a cat", "a mat"], seeds=[5, 6], guided_steps=g, output_type="pt")
+        assert torch.equal(a, b), f"guided_steps={g}"
+    st = on.runtime.stats
+    assert st.static_runs - warmed == 2 and st.calls == 2 and st.padded_calls == 0
+    assert off.runtime.stats.static_runs == 0 and off.runtime.stats.calls == 2
+
+
+def test_a_padded_bucket_returns_each_unpadded_sample(sd_pipe):
+    on = _sibling(sd_pipe, graphs=True, batch_sizes=(4,))
+    on.warmup(progress=False)
+    prompts, seeds = ["a cat", "a dog", "a red mat"], [7, 8, 9]
+    batch = on(prompts, seeds=seeds, output_type="pt")
+    assert batch.shape == (3, 3, 32, 32) and on.runtime.stats.padded_calls == 1
+    for i, (p, s) in enumerate(zip(prompts, seeds)):
+        alone = sd_pipe([p], seeds=[s], output_type="pt")
+        assert_close(batch[i:i + 1], alone, 1e-5, f"padded sample {i}")
+
+
+def test_timer_laps_encode_loop_and_decode(sd_pipe):
+    from distpp.timing import StageTimer
+
+    timer, steps = StageTimer("cpu"), []
+    timer.begin()
+    sd_pipe(["a cat"], output_type="pt", timer=timer, progress=steps.append)
+    totals = timer.totals()
+    for stage in ("encode", "student", "teacher", "guidance", "decode"):
+        assert totals.get(stage, 0.0) > 0.0, stage
+    assert steps == [1] * sd_pipe.config.num_steps  # the progress hook still counts student steps
+
+
+def test_from_pretrained_warmup_and_close(repos):
+    pipe = Pipeline.from_pretrained(student=repos["sd_lcm"], teacher=repos["sd_teacher"], family="lcm",
+                                    local_files_only=True, steps=1, graphs=True, batch_sizes=(1, 2),
+                                    sizes=[(32, 48)], warmup=True)
+    assert [(r.batch, r.latent_shape) for r in pipe.runtime.stats.warmups] == [(1, (4, 16, 24)), (2, (4, 16, 24))]
+    assert pipe.runtime.backend == "eager"
+    warmed = pipe.runtime.stats.static_runs
+    pipe(["a cat"], output_type="latent", height=32, width=48)
+    assert pipe.runtime.stats.static_runs == warmed + 1
+    with pipe:
+        pass  # leaving the block closes it
+    with pytest.raises(ConfigError, match="closed"):
+        pipe(["a cat"], output_type="latent")
+    pipe.close()  # idempotent

@@ -8,14 +8,14 @@ and the VAE decodes after it (eagerly: no capture or compile of the decode).
 
 from __future__ import annotations
 
-from dataclasses import replace
 from typing import Any, Callable, Sequence
 
 import torch
 
 from ..config import SamplerConfig
-from ..denoiser import Cond, UNetDenoiser, sdxl_time_ids
+from ..denoiser import SDXL_TIME_IDS, Cond, UNetDenoiser, sdxl_time_ids
 from ..errors import BackendUnavailableError, ConfigError, InputError
+from ..runtime import CondSpec, Runtime, WarmupRecord
 from ..sampler import Sampler
 from .encode import PromptEncoder
 from .load import LoadReport, load
@@ -39,16 +39,22 @@ class _Hooks:
 
 
 class Pipeline:
-    """prompt -> image with a guided student.
+    """prompt -> image with a guided student, sampling through one :class:`~distpp.runtime.Runtime`.
 
     Build with :meth:`from_pretrained`, or directly from loaded parts (student/teacher UNets, a VAE,
-    PromptEncoders: ``teacher_text`` None means the student's encoders serve the teacher too).
+    PromptEncoders: ``teacher_text`` None means the student's encoders serve the teacher too). The
+    runtime options (backend, graphs, batch_sizes, max_graphs, on_miss, backend_options, cache) are
+    the Runtime's; ``sizes`` ((height, width) pixels, default the student's native size) are what it
+    builds backends for and warms up.
     """
 
     def __init__(self, student_unet, teacher_unet, vae, student_text: PromptEncoder,
                  teacher_text: PromptEncoder | None = None, *, config: SamplerConfig | None = None,
                  device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32, w_embed: float = 7.5,
-                 force_zeros_for_empty_prompt: bool = False, report: LoadReport | None = None):
+                 force_zeros_for_empty_prompt: bool = False, report: LoadReport | None = None,
+                 backend: str = "auto", graphs: bool | str = "auto", batch_sizes: Sequence[int] = (1,),
+                 max_graphs: int = 8, on_miss: str = "eager", backend_options: dict | None = None, cache=None,
+                 sizes: Sequence[tuple[int, int]] | None = None):
         self.config = config or SamplerConfig()
         self.device, self.dtype = torch.device(device), dtype
         check_pair_configs(dict(student_unet.config), dict(teacher_unet.config),
@@ -63,11 +69,19 @@ class Pipeline:
         self.vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1)
         self.default_size = int(student_unet.config.sample_size) * self.vae_scale_factor
         self.report = report
-        self._samplers: dict[SamplerConfig, Sampler] = {}
+        sizes = [self.image_size(h, w) for h, w in sizes or [(None, None)]]
+        self.runtime = Runtime(self.student, self.teacher, cond_spec=_cond_spec(student_text),
+                               teacher_cond_spec=_cond_spec(teacher_text) if teacher_text is not None else None,
+                               config=self.config, backend=backend, graphs=graphs, batch_sizes=batch_sizes,
+                               resolutions=[(h // self.vae_scale_factor, w // self.vae_scale_factor) for h, w in sizes],
+                               latent_channels=self.latent_channels,
+                               max_graphs=max_graphs, on_miss=on_miss, device=self.device, dtype=dtype,
+                               teacher_dtype=dtype, backend_options=backend_options, cache=cache, label="pipeline")
 
     # -- loading -------------------------------------------------------------------------------------
     @classmethod
-    def from_pretrained(cls, student: str, teacher: str, family: str, **kwargs) -> "Pipeline":
+    def from_pretrained(cls, student: str, teacher: str, family: str, *, warmup: bool = False,
+                        **kwargs) -> "Pipeline":
         """Load a student/teacher pair: every config is read and checked first, then the weights load.
 
         student, teacher:  local folders or Hub ids (teacher: a full diffusers pipeline).
@@ -90,25 +104,50 @@ class Pipeline:
         w_embed:           the LCM student's guidance-scale embedding input (diffusers' 8.5 - 1).
         local_files_only:  never touch the network (default: the HF_HUB_OFFLINE setting).
         prediction_type, teacher_prediction_type: default from the scheduler configs, else epsilon.
-        backend:           UNet backend (auto, eager, compile, onnxruntime, tensorrt; distpp.backends).
-        graphs:            "auto" (CUDA graphs on a GPU), True, False.
-        batch_sizes:       the batch buckets ``warmup`` prepares (default (1,)).
-        max_graphs:        captured loops kept at most, across every config (default 8).
+        backend:           UNet backend: auto (= eager), eager, compile, onnxruntime, tensorrt (distpp.backends).
+        graphs:            "auto" (whole-loop CUDA graphs on a GPU), True, False.
+        batch_sizes:       the batch buckets ``warmup`` prepares (default (1,)); smaller calls are padded.
+        sizes:             (height, width) pixel sizes to build backends for and warm up (default: native).
+        max_graphs:        captured loops kept at most, across every guided_steps (default 8).
+        warmup:            run :meth:`warmup` (the config's guided_steps, native size) before returning.
         other keywords:    the rest of SamplerConfig (steps, guided_steps, lam, cfg, teacher_rule, ...).
         """
         plan = resolve(student, teacher, family, **kwargs)
         parts = load(plan)
-        return cls(parts.student_unet, parts.teacher_unet, parts.vae, parts.student_text, parts.teacher_text,
+        pipe = cls(parts.student_unet, parts.teacher_unet, parts.vae, parts.student_text, parts.teacher_text,
                    config=plan.config, device=plan.device, dtype=plan.dtype, w_embed=plan.w_embed,
-                   force_zeros_for_empty_prompt=plan.force_zeros_for_empty_prompt, report=parts.report)
+                   force_zeros_for_empty_prompt=plan.force_zeros_for_empty_prompt, report=parts.report,
+                   backend=plan.backend, graphs=plan.graphs, batch_sizes=plan.batch_sizes, max_graphs=plan.max_graphs,
+                   sizes=plan.sizes)
+        if warmup:
+            pipe.warmup()
+        return pipe
 
-    # -- sampling ------------------------------------------------------------------------------------
+    # -- the runtime -----------------------------------------------------------------------------------
     def sampler(self, guided_steps: int | None = None) -> Sampler:
-        """The Sampler for this pipeline's config with ``guided_steps`` (built once, then reused)."""
-        cfg = self.config if guided_steps is None else replace(self.config, guided_steps=int(guided_steps))
-        if cfg not in self._samplers:
-            self._samplers[cfg] = Sampler(self.student, self.teacher, cfg, device=self.device, dtype=self.dtype)
-        return self._samplers[cfg]
+        """The Runtime's Sampler for this pipeline's config with ``guided_steps`` (built once, then reused)."""
+        return self.runtime.sampler(_overrides(guided_steps))
+
+    def warmup(self, batch_sizes: Sequence[int] | None = None, sizes: Sequence[tuple[int, int]] | None = None,
+               guided_steps: Sequence[int] | None = None, progress: bool = True) -> list[WarmupRecord]:
+        """Prepare every (guided_steps, size, batch bucket) before traffic: CUDA graphs are captured (graphs
+        on), a compile backend compiles, and anything else runs once. sizes: (height, width) in pixels
+        (default: the pipeline's sizes); guided_steps: default the config's; batch_sizes: default the
+        pipeline's buckets. A progress bar counts the items (``progress=False``: none)."""
+        res = None if sizes is None else [tuple(v // self.vae_scale_factor for v in self.image_size(h, w))
+                                          for h, w in sizes]
+        configs = None if guided_steps is None else [_overrides(g) for g in guided_steps]
+        return self.runtime.warmup(configs, batch_sizes=batch_sizes, resolutions=res, progress=progress)
+
+    def close(self) -> None:
+        """Release the Runtime (graphs, engines, samplers); the pipeline cannot sample afterwards."""
+        self.runtime.close()
+
+    def __enter__(self) -> "Pipeline":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     def encode(self, prompts: Sequence[str], negative_prompts: Sequence[str] | None, height: int,
                width: int) -> dict[str, Cond | None]:
@@ -186,18 +225,18 @@ class Pipeline:
             raise ConfigError(f"unknown output_type {output_type!r}; pass one of {', '.join(OUTPUT_TYPES)}")
         if output_type == "pil":
             _require_pil()
-        height, width = self._size(height, width)
+        height, width = self.image_size(height, width)
         f = self.vae_scale_factor
-        sampler = self.sampler(guided_steps)
-        guided = sampler.config.guided_steps > 0
-        c = self.encode(prompts, negatives if guided else None, height, width)
+        overrides = _overrides(guided_steps)
+        sampler = self.sampler(guided_steps)  # checks guided_steps before the encoders run
+        c = self.encode(prompts, negatives if sampler.config.guided_steps > 0 else None, height, width)
         if timer is not None:
             timer.lap("encode")
         hooks = _Hooks(timer, progress, sampler.schedule.steps) if timer is not None or progress is not None else None
-        latents = sampler.sample(c["cond"], uncond=c["uncond"], teacher_cond=c["teacher_cond"],
-                                 teacher_uncond=c["teacher_uncond"],
-                                 latent_shape=(self.latent_channels, height // f, width // f),
-                                 seeds=None if seeds is None else list(seeds), lam=lam, cfg=cfg, timer=hooks)
+        latents = self.runtime.sample(overrides, c["cond"], uncond=c["uncond"], teacher_cond=c["teacher_cond"],
+                                      teacher_uncond=c["teacher_uncond"],
+                                      latent_shape=(self.latent_channels, height // f, width // f),
+                                      seeds=None if seeds is None else list(seeds), lam=lam, cfg=cfg, timer=hooks)
         if output_type == "latent":
             return latents
         images = self.decode(latents)
@@ -209,7 +248,8 @@ class Pipeline:
             return images.permute(0, 2, 3, 1).cpu().numpy()
         return to_pil(images)
 
-    def _size(self, height, width) -> tuple[int, int]:
+    def image_size(self, height: int | None = None, width: int | None = None) -> tuple[int, int]:
+        """(height, width) in pixels of a call (default: the student's native size), checked."""
         f = self.vae_scale_factor
         h = self.default_size if height is None else int(height)
         w = self.default_size if width is None else int(width)
@@ -222,6 +262,17 @@ class Pipeline:
 # ------------------------------------------------------------------------------------------------------
 # Helpers.
 # ------------------------------------------------------------------------------------------------------
+def _overrides(guided_steps: int | None) -> dict | None:
+    """The Runtime's config overrides of a call: its guided_steps, or None (the pipeline's config)."""
+    return None if guided_steps is None else {"guided_steps": guided_steps}
+
+
+def _cond_spec(text: PromptEncoder) -> CondSpec:
+    """One row of the conditioning ``text`` gives: [tokens, width] states (+ pooled, time_ids for SDXL)."""
+    pooled = text.pooled_width
+    return CondSpec(text.tokens, text.width, pooled, SDXL_TIME_IDS if pooled is not None else None)
+
+
 def _prompt_lists(prompt, negative_prompt) -> tuple[list[str], list[str]]:
     prompts = [prompt] if isinstance(prompt, str) else list(prompt)
     if not prompts:

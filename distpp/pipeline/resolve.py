@@ -52,6 +52,7 @@ class LoadPlan:
     student_vae:       the student pipeline has its own VAE (used when its weights differ).
     vae:               None, a VAE folder / Hub id, or a loaded AutoencoderKL.
     vae_scale_factor:  pixels per latent (2 ** (len(block_out_channels) - 1)).
+    sizes:             the (height, width) pixel sizes the Runtime builds backends for and warms up.
     """
 
     student: str
@@ -77,6 +78,7 @@ class LoadPlan:
     graphs: Any
     batch_sizes: tuple[int, ...]
     max_graphs: int
+    sizes: tuple[tuple[int, int], ...]
     student_unet_config: dict = field(compare=False, repr=False)
     teacher_unet_config: dict = field(compare=False, repr=False)
 
@@ -87,7 +89,7 @@ def resolve(student: str, teacher: str, family: str, *, student_kind: str = "aut
             dtype: torch.dtype | None = None, w_embed: float = 7.5, local_files_only: bool | None = None,
             prediction_type: str | None = None, teacher_prediction_type: str | None = None,
             allow_family_mismatch: bool = False, backend: str = "auto", graphs: Any = "auto",
-            batch_sizes=(1,), max_graphs: int = 8, **sampler_kwargs) -> LoadPlan:
+            batch_sizes=(1,), max_graphs: int = 8, sizes=None, **sampler_kwargs) -> LoadPlan:
     """The LoadPlan of ``Pipeline.from_pretrained``'s arguments (see there); raises before any weights load."""
     # Settings first: nothing is read for a config that cannot run.
     if student_kind not in STUDENT_KINDS:
@@ -165,13 +167,15 @@ def resolve(student: str, teacher: str, family: str, *, student_kind: str = "aut
     if len(factors) != 1:
         raise ConfigError(f"the student's and the teacher's VAEs downsample by different factors {sorted(factors)}; "
                           "pass vae=... to decode with one VAE")
+    factor = factors.pop()
+    sizes = _sizes(sizes, int(s_unet_cfg["sample_size"]) * factor, factor)
     return LoadPlan(student=student, teacher=teacher, kind=kind, student_subfolder=student_subfolder,
                     student_file=student_file, config=config, device=device, dtype=dtype, offline=is_offline,
                     sdxl=sdxl, teacher_encoders=t_names, student_encoders=s_names, student_vae=student_vae, vae=vae,
-                    vae_scale_factor=factors.pop(), upcast_vae=upcast_vae, lora_scale=float(lora_scale),
+                    vae_scale_factor=factor, upcast_vae=upcast_vae, lora_scale=float(lora_scale),
                     w_embed=float(w_embed), force_zeros_for_empty_prompt=bool(index.get("force_zeros_for_empty_prompt",
                                                                                       sdxl)),
-                    backend=backend, graphs=graphs, batch_sizes=batch_sizes, max_graphs=max_graphs,
+                    backend=backend, graphs=graphs, batch_sizes=batch_sizes, max_graphs=max_graphs, sizes=sizes,
                     student_unet_config=s_unet_cfg, teacher_unet_config=t_unet_cfg)
 
 
@@ -208,6 +212,21 @@ def _runtime_options(backend, graphs, batch_sizes, max_graphs, device):
     if not isinstance(max_graphs, int) or isinstance(max_graphs, bool) or max_graphs < 1:
         raise ConfigError(f"max_graphs must be an int >= 1, got {max_graphs!r}")
     return backend, graphs, sizes, max_graphs
+
+
+def _sizes(sizes, native: int, factor: int) -> tuple[tuple[int, int], ...]:
+    """Checked (height, width) pixel sizes; None (or a None side) is the student's native size."""
+    if sizes is None:
+        return ((native, native),)
+    try:
+        out = tuple(dict.fromkeys((native if h is None else int(h), native if w is None else int(w))
+                                  for h, w in sizes))
+    except (TypeError, ValueError):
+        out = ()
+    if not out or any(v < factor or v % factor for hw in out for v in hw):
+        raise ConfigError(f"sizes must be (height, width) pixel pairs, positive multiples of the VAE scale factor "
+                          f"{factor}, got {sizes!r}")
+    return out
 
 
 def check_schedule(config: SamplerConfig) -> None:
