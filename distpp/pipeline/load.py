@@ -76,7 +76,10 @@ def load(plan: LoadPlan) -> Loaded:
     upcast = plan.upcast_vae
     if upcast is None:
         upcast = plan.dtype == torch.float16 and bool(getattr(vae.config, "force_upcast", False))
-    vae = vae.to(device=plan.device, dtype=torch.float32 if upcast else plan.dtype)
+    vae_dtype = torch.float32 if upcast else plan.dtype
+    vae = vae.to(device=plan.device)
+    if next(vae.parameters()).dtype != vae_dtype:  # loaded in plan.dtype: cast only to upcast
+        vae = vae.to(dtype=vae_dtype)
     for m in (t_unet, s_unet, *t_text.encoders, *(s_text.encoders if s_text else ())):
         m.to(device=plan.device)
     report = LoadReport(plan.kind, plan.sdxl, shared, vae_source, next(vae.parameters()).dtype, lora_mode, lora_meta)

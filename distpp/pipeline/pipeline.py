@@ -216,9 +216,9 @@ class Pipeline:
                          ([B, C, H/f, W/f] float32).
         progress:        called with the number of student steps done (1 per step; all steps at once
                          for a CUDA-graph replay), e.g. a tqdm bar's ``update``.
-        timer:           an optional distpp.timing.StageTimer: laps "encode" after the text encoders, the
-                         loop's own stages (student, teacher, guidance, scheduler, other; "graph" for a
-                         replay), and "decode" after the VAE.
+        timer:           an optional distpp.timing.StageTimer (``begin()`` it before the call): laps
+                         "encode" after the text encoders, the loop's own stages (student, teacher,
+                         guidance, scheduler, other; "graph" for a replay), and "decode" after the VAE.
         """
         prompts, negatives = _prompt_lists(prompt, negative_prompt)
         if output_type not in OUTPUT_TYPES:
