@@ -121,12 +121,23 @@ def test_argument_errors_are_one_line_exit_2(bad, capsys):
     assert bad[0] in _one_line_error(capsys)
 
 
-def test_generate_with_graphs_on_warms_up_and_matches_graphs_off(repos, tmp_path, capsys):
+def test_generate_with_graphs_on_warms_up_and_matches_graphs_off(repos, tmp_path, capsys, monkeypatch):
+    from distpp.runtime import Runtime
+
+    runs = []
+    sample = Runtime.sample
+
+    def counted(self, *a, **k):
+        runs.append(self.graphs)
+        return sample(self, *a, **k)
+
+    monkeypatch.setattr(Runtime, "sample", counted)
     base = ["--prompt", "a cat", "--prompt", "a dog", "--student", repos["sd_lcm"], "--teacher", repos["sd_teacher"],
             "--family", "lcm", "--steps", "2", "--offline", "--compare"]
     assert main(base + ["--graphs", "on", "--out", str(tmp_path / "on")]) == 0
     err = capsys.readouterr().err
     assert "distpp warm-up" in err and "2/2" in err  # guided and unguided configs, one batch bucket (2)
+    assert runs == [True, True]  # the guided and the unguided call, both through the Runtime's runners
     assert main(base + ["--graphs", "off", "--out", str(tmp_path / "off"), "--no-progress"]) == 0
     assert "warm-up" not in capsys.readouterr().err
     for name in ("000_seed0.png", "001_seed1_unguided.png"):

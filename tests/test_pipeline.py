@@ -208,6 +208,8 @@ def test_device_dtype_and_schedule_are_refused_before_any_weights_load(no_weight
     with pytest.raises(ConfigError, match="graphs must be"):
         Pipeline.from_pretrained(student=repos["sd_lcm"], teacher=repos["sd_teacher"], family="lcm",
                                  local_files_only=True, graphs="yes")
+    with pytest.raises(ConfigError, match="unknown option.* stepz for Pipeline.from_pretrained"):
+        Pipeline.from_pretrained(student=repos["sd_lcm"], teacher=repos["sd_teacher"], family="lcm", stepz=2)
     with pytest.raises(ConfigError, match="positive multiples of the VAE scale factor 2"):
         Pipeline.from_pretrained(student=repos["sd_lcm"], teacher=repos["sd_teacher"], family="lcm",
                                  local_files_only=True, sizes=[(31, 32)])

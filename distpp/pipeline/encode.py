@@ -84,7 +84,9 @@ def tokenizer_signature(tok) -> str:
     equal signatures give the same ids for every prompt."""
     backend = getattr(tok, "backend_tokenizer", None)
     if backend is not None:
-        core: Any = backend.to_str()
+        core: Any = json.loads(backend.to_str())
+        for state in ("truncation", "padding"):  # set per call by the wrapper from the arguments below
+            core.pop(state, None)
     else:
         ranks = getattr(tok, "bpe_ranks", {})
         core = [sorted(tok.get_vocab().items()), sorted((" ".join(k), v) for k, v in ranks.items())]

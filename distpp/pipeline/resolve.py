@@ -15,7 +15,7 @@ from __future__ import annotations
 import os
 import re
 import warnings
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
 import torch
@@ -94,6 +94,10 @@ def resolve(student: str, teacher: str, family: str, *, student_kind: str = "aut
     # Settings first: nothing is read for a config that cannot run.
     if student_kind not in STUDENT_KINDS:
         raise ConfigError(f"unknown student_kind {student_kind!r}; pass one of {', '.join(STUDENT_KINDS)}")
+    unknown = sorted(set(sampler_kwargs) - {f.name for f in fields(SamplerConfig)})
+    if unknown:
+        raise ConfigError(f"unknown option(s) {', '.join(unknown)} for Pipeline.from_pretrained; pass its own options "
+                          "(see its docstring) or SamplerConfig fields (steps, guided_steps, lam, cfg, timesteps, ...)")
     config = SamplerConfig(family=family, **sampler_kwargs)
     device, dtype = _device_dtype(device, dtype)
     backend, graphs, batch_sizes, max_graphs = _runtime_options(backend, graphs, batch_sizes, max_graphs, device)
