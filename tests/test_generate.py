@@ -100,6 +100,8 @@ def test_generate_errors_speak_cli(repos, tmp_path, capsys):
     err = _one_line_error(capsys)
     assert "--steps 60 is more than the lcm schedule's original_inference_steps (50)" in err
     assert "pass at most --steps 50" in err and "strength" not in err
+    assert main(base + ["--backend", "tensorrt"]) == 2  # refused before any weights load
+    assert "or pass --backend eager" in _one_line_error(capsys)
     assert main(base + ["--guided-steps", "7"]) == 2
     assert "--guided-steps must be an integer in [0, 4]" in _one_line_error(capsys)
     turbo = base[:-6] + ["--student", repos["xl_turbo"], "--teacher", repos["xl_teacher"], "--family", "lcm"]

@@ -30,7 +30,6 @@ from .fetch import check_exists, fetch, fetch_required, is_hub_id, offline as _o
 
 STUDENT_KINDS = ("auto", "pipeline", "unet", "unet_file", "lora")
 LORA_FILE = "pytorch_lora_weights.safetensors"
-GRAPHS = ("auto", True, False)
 
 # Keys of a student pipeline's scheduler_config.json that define its noise schedule and step spacing.
 _STUDENT_SCHEDULE_KEYS = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "trained_betas",
@@ -100,7 +99,7 @@ def resolve(student: str, teacher: str, family: str, *, student_kind: str = "aut
                           "(see its docstring) or SamplerConfig fields (steps, guided_steps, lam, cfg, timesteps, ...)")
     config = SamplerConfig(family=family, **sampler_kwargs)
     device, dtype = _device_dtype(device, dtype)
-    backend, graphs, batch_sizes, max_graphs = _runtime_options(backend, graphs, batch_sizes, max_graphs, device)
+    backend, graphs, batch_sizes, max_graphs = _runtime_options(backend, graphs, batch_sizes, max_graphs)
     student, teacher = os.path.expanduser(str(student)), os.path.expanduser(str(teacher))
     if isinstance(vae, (str, os.PathLike)):
         vae = os.path.expanduser(str(vae))
@@ -196,10 +195,12 @@ def _device_dtype(device, dtype) -> tuple[torch.device, torch.dtype]:
     return device, dtype
 
 
-def _runtime_options(backend, graphs, batch_sizes, max_graphs, device):
-    """Checked (backend, graphs, batch_sizes, max_graphs); a named backend that cannot run here raises
-    BackendUnavailableError now, before any weights load."""
+def _runtime_options(backend, graphs, batch_sizes, max_graphs):
+    """Checked (backend, graphs, batch_sizes, max_graphs), with the Runtime's own checks; a named backend
+    that cannot run here raises BackendUnavailableError now, before any weights load."""
     from ..backends import backend_names, get_backend
+    from ..graphs import GraphBudget
+    from ..runtime import _positive_ints
 
     if backend != "auto":
         if backend not in backend_names():
@@ -207,15 +208,8 @@ def _runtime_options(backend, graphs, batch_sizes, max_graphs, device):
         get_backend(backend)
     if not (isinstance(graphs, bool) or graphs == "auto"):
         raise ConfigError(f"graphs must be 'auto', True or False, got {graphs!r}")
-    try:
-        sizes = tuple(sorted({int(b) for b in batch_sizes}))
-    except (TypeError, ValueError):
-        sizes = ()
-    if not sizes or sizes[0] < 1:
-        raise ConfigError(f"batch_sizes must be positive ints (the warmed batch buckets), got {batch_sizes!r}")
-    if not isinstance(max_graphs, int) or isinstance(max_graphs, bool) or max_graphs < 1:
-        raise ConfigError(f"max_graphs must be an int >= 1, got {max_graphs!r}")
-    return backend, graphs, sizes, max_graphs
+    GraphBudget(max_graphs)
+    return backend, graphs, _positive_ints("batch_sizes", batch_sizes), max_graphs
 
 
 def _sizes(sizes, native: int, factor: int) -> tuple[tuple[int, int], ...]:
