@@ -19,12 +19,12 @@ import re
 import sys
 from typing import Sequence
 
+from .backends import backend_names
 from .dtypes import DTYPES, parse_dtype
 from .errors import ConfigError, DistppError
-from .pipeline import KNOWN_PAIRS, Pipeline
+from .pipeline import KNOWN_PAIRS, STUDENT_KINDS, Pipeline
 
 PROG = "python -m distpp.generate"
-BACKENDS = ("auto", "eager", "compile", "onnxruntime", "tensorrt")
 GRAPHS = {"auto": "auto", "on": True, "off": False}
 
 # Pipeline.from_pretrained keyword -> the option that sets it (for messages in CLI spelling).
@@ -72,7 +72,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--student", help="student: folder or Hub id (pipeline, UNet folder, LoRA or UNet file)")
     p.add_argument("--teacher", help="teacher: a diffusers pipeline folder or Hub id")
     p.add_argument("--family", help="student family: lcm, dmd2, euler, euler_a, ddim")
-    p.add_argument("--student-kind", default="auto", help="auto (default), pipeline, unet, unet_file, lora")
+    p.add_argument("--student-kind", default="auto", choices=STUDENT_KINDS,
+                   help="auto (default: detected), pipeline, unet, unet_file, lora")
     p.add_argument("--student-weights", help="file inside --student (UNet state dict or LoRA)")
     p.add_argument("--allow-family-mismatch", action="store_true", default=None,
                    help="sample a student pipeline with a --family its scheduler class does not fit")
@@ -89,7 +90,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--compare", action="store_true", help="also write the unguided image and a side-by-side")
     p.add_argument("--device", help="cuda or cpu (default: cuda when available)")
     p.add_argument("--dtype", choices=sorted(DTYPES), help="model dtype (default: float16 on cuda, else float32)")
-    p.add_argument("--backend", default="auto", choices=BACKENDS,
+    p.add_argument("--backend", default="auto", choices=("auto",) + backend_names(),
                    help="UNet backend (default auto: eager; compile, onnxruntime, tensorrt only when named)")
     p.add_argument("--graphs", default="auto", choices=sorted(GRAPHS),
                    help="whole-loop CUDA graphs: auto (on for CUDA, default), on, off")
