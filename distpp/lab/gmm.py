@@ -389,7 +389,7 @@ def table(result: dict) -> str:
     cfg, m = result["config"], result["machine"]
     title = (f"gmm lab: {cfg['modes']} modes on a ring, {cfg['n_classes']} classes ({cfg['class_layout']} layout), "
              f"d={cfg['d']}, student leak {cfg['leak']:g}; {cfg['samples']} samples x {cfg['seeds']} seeds; "
-             f"{m.get('name') or m['cpu']}, torch {m['torch']}")
+             f"{m['name'] + ' (' + m['cpu'] + ')' if m.get('name') else m['cpu']}, torch {m['torch']}")
     head = (f"{'setting':<52} {'energy':>7} {'±sd':>7}  {'SW1':>6}  {'acc':>5}  {'modeTV':>5}  {'cov':>4}  "
             f"{'ED/base':>7}  {'dED(paired)':>16} {'d_z':>6}  dAcc")
     lines = [title, head] + [format_row(r) for r in result["rows"]]
@@ -424,8 +424,8 @@ def plot(result: dict, path: Path, show_family: str | None = None) -> Path:
         pts = np.asarray(result["scatter_seed0"].get(key, []))
         if len(pts):
             ax.scatter(pts[:, 0], pts[:, 1], c=labels, s=3, cmap="coolwarm", alpha=0.5)
-        ax.scatter(means[:, 0], means[:, 1], c=result["mode_class"], marker="x",
-                   s=80, cmap="coolwarm")
+        ax.scatter(means[:, 0], means[:, 1], c=result["mode_class"], marker="X", s=90, cmap="coolwarm",
+                   edgecolors="black", linewidths=1.0, zorder=3)
         ax.set_title(f"{fam}: {title}")
         ax.set_aspect("equal")
         ax.set_xlim(-1.6, 1.6)
@@ -442,10 +442,12 @@ def plot(result: dict, path: Path, show_family: str | None = None) -> Path:
             pts.sort()
             xs, ys, es = zip(*pts)
             ax.errorbar(xs, ys, yerr=es, marker="o", capsize=3, label=f"{fam_i} G={g}")
-    for r in result["rows"]:
-        if r["setting"] is None:
-            ax.axhline(r["energy"]["mean"], ls=":", lw=1, color="gray")
-            ax.text(0.0, r["energy"]["mean"], r["name"], fontsize=6, va="bottom")
+    # Reference lines: the floor and the w=1 teacher (the CFG-sharpened teacher is off this scale).
+    refs = [r for r in result["rows"] if r["setting"] is None and "CFG-sharpened" not in r["name"]]
+    for i, r in enumerate(refs):
+        ax.axhline(r["energy"]["mean"], ls=":", lw=1, color="gray")
+        ax.text(0.02 + 0.45 * i, r["energy"]["mean"], r["name"], fontsize=6, va="bottom",
+                transform=ax.get_yaxis_transform())
     ax.set_xlabel("lam")
     ax.set_ylabel("energy distance to true conditional mixture")
     ax.set_title(f"w={cfg['cfg']:g}, rule next, mean ± sd over {cfg['seeds']} seeds")
