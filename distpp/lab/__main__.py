@@ -11,23 +11,24 @@ from pathlib import Path
 from ..errors import DistppError
 from . import csv_text, digits, gmm
 
-LABS = {"gmm": (gmm, gmm.run_gmm), "digits": (digits, digits.run_digits)}
+LABS = {"gmm": (gmm, gmm.run_gmm, "Gaussian mixture on a ring: exact teacher, ODE-map student"),
+        "digits": (digits, digits.run_digits, "8x8 digits: UNet teacher and LCM student trained on the CPU")}
 
 
 def main(argv=None) -> int:
-    p = Parser(prog="python -m distpp.lab", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = Parser(prog="python -m distpp.lab", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="lab", required=True)
-    for name, (mod, _) in LABS.items():
-        sp = sub.add_parser(name, help=mod.__doc__.splitlines()[0], description=mod.__doc__,
+    for name, (mod, _, what) in LABS.items():
+        sp = sub.add_parser(name, help=what, description=mod.__doc__,
                             formatter_class=HelpFormatter)
         mod.add_args(sp)
         sp.add_argument("--out", default=f"lab_out/{name}", help="folder for the JSON and PNG")
         sp.add_argument("--no-plot", action="store_true", help="write only the JSON")
         sp.add_argument("--machine-name", default="",
-                        help="name of this machine, stored in the JSON and the table title beside the detected CPU")
+                        help="name of this machine, stored in the JSON beside the detected CPU "
+                             "(and in the gmm table's title)")
     args = p.parse_args(argv)
-    mod, run = LABS[args.lab]
+    mod, run, _ = LABS[args.lab]
     try:
         cfg = mod.config_from_args(args)
         result = run(cfg, log=lambda s: print(s, file=sys.stderr, flush=True), machine_name=args.machine_name)

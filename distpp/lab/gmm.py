@@ -29,8 +29,8 @@ from ..schedules import FAMILIES, build_schedule
 from . import csv_list, save_figure
 from . import write_outputs as write_lab_outputs
 from .metrics import energy_distance, mode_stats, paired_effect, sliced_wasserstein
-from .mixture import (CLASS_LAYOUTS, CFGDenoiser, Mixture, MixtureTeacher, OdeMapStudent, class_cond, null_cond, perturbed,
-                      ring_mixture, sample_mixture)
+from .mixture import (CLASS_LAYOUTS, CFGDenoiser, Mixture, MixtureTeacher, OdeMapStudent, class_cond, null_cond,
+                      perturbed, ring_mixture, sample_mixture)
 
 METRICS = ("energy", "sliced_w1", "accuracy", "mode_weight_tv", "coverage", "in_mode")
 # The paper's teacher-timestep ablation (DMD2 FID, lower is better): next < random < same.
