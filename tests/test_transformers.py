@@ -16,6 +16,7 @@ from distpp.denoiser import CallableDenoiser, ModelSpec, check_cond
 from distpp.errors import ConfigError, InputError
 from distpp.export import cached_export, dynamic_axes, export_inputs
 from distpp.graphs import GraphRunner
+from distpp.runtime import CondSpec, Runtime
 from distpp.presets import _TINY_FLUX, _TINY_SD3
 from distpp.sampler import Sampler
 from distpp.transformer import FluxDenoiser, SD3Denoiser, pack_latents, unpack_latents
@@ -168,28 +169,66 @@ def test_pooled_only_spec_needs_text_embeds_not_time_ids():
         check_cond("teacher", spec, Cond(torch.zeros(2, TOKENS, WIDTH), torch.zeros(2, 5)), 2)
 
 
-@pytest.mark.parametrize("kind", ["sd3", "schnell"])
-def test_sampler_and_graph_runner_take_transformers(models, kind):
-    """The same Sampler / GraphRunner code runs a transformer pair (lcm family for the plumbing: the
-    adapters' "flow" prediction type is lifted, since the flow family is another item's work)."""
-    cls = SD3Denoiser if kind == "sd3" else FluxDenoiser
-    student, teacher = cls(models[kind]), cls(_build(type(models[kind]), 5))
+def _pair(kind, device="cpu"):
+    """A fresh student/teacher pair of one kind, the adapters' "flow" prediction type lifted for the lcm
+    family (the flow family is another item's work; this is plumbing), counting the rows of each forward."""
+    cls, model = (SD3Denoiser, SD3Transformer2DModel) if kind == "sd3" else (FluxDenoiser, FluxTransformer2DModel)
     calls = []
-    for den in (student, teacher):
+    pair = []
+    for seed in (4, 5):
+        tr = _build(model, seed).to(device)
+        den = cls(tr)
         den.spec = replace(den.spec, prediction_type=None)
-        den.transformer.register_forward_pre_hook(lambda mod, args, kw: calls.append(kw["hidden_states"].shape[0]),
-                                                  with_kwargs=True)
-    sampler = Sampler(student, teacher, SamplerConfig(family="lcm", steps=2, guided_steps=1))
+        tr.register_forward_pre_hook(lambda mod, args, kw: calls.append(kw["hidden_states"].shape[0]), with_kwargs=True)
+        pair.append(den)
+    return pair[0], pair[1], calls
+
+
+PLUMBING = SamplerConfig(family="lcm", steps=2, guided_steps=1)
+
+
+@pytest.mark.parametrize("kind", ["sd3", "schnell"])
+def test_sampler_and_graph_runner_take_transformers(kind):
+    """The same Sampler / GraphRunner code runs a transformer pair."""
+    student, teacher, calls = _pair(kind)
+    sampler = Sampler(student, teacher, PLUMBING)
     cond, uncond, shape = _cond(3), _cond(1, seed=9), (4, 8, 12)
     with torch.no_grad():
         out = sampler.sample(cond, uncond=uncond, latent_shape=shape, seeds=[1, 2, 3])
         plain = sampler.sample(cond, uncond=uncond, latent_shape=shape, seeds=[1, 2, 3], lam=0.0)
-        runner = GraphRunner(sampler)
-        again = runner.sample(cond, uncond=uncond, latent_shape=shape, seeds=[1, 2, 3])
+        again = GraphRunner(sampler).sample(cond, uncond=uncond, latent_shape=shape, seeds=[1, 2, 3])
     assert out.shape == (3,) + shape and torch.isfinite(out).all()
     assert calls[:3] == [3, 6, 3]  # student, teacher on [uncond; cond], student
     assert not torch.allclose(out, plain)  # the teacher's guidance reached the result
     assert_close(again, out, FP32_TOL, f"GraphRunner vs Sampler ({kind})")
+
+
+def test_runtime_warms_up_and_serves_a_transformer_pair():
+    student, teacher, _ = _pair("schnell")
+    shape = (4, 8, 12)
+    cond, uncond = _cond(2), _cond(1, seed=9)
+    with Runtime(student, teacher, cond_spec=CondSpec(TOKENS, WIDTH, pooled=POOLED), config=PLUMBING, graphs=True,
+                 batch_sizes=(2,), resolutions=(shape[1:],)) as rt:
+        assert len(rt.warmup(progress=False)) == 1
+        got = rt.sample(None, cond, uncond=uncond, latent_shape=shape, seeds=[3, 4])
+        ref = rt.sampler().sample(cond, uncond=uncond, latent_shape=shape, seeds=[3, 4])
+        assert rt.stats.calls == 1 and rt.stats.static_runs == 2  # warm-up's loop and the call, one bucket
+    assert_close(got, ref, FP32_TOL, "Runtime vs Sampler")
+    assert student.ids_builds == 1 and teacher.ids_builds == 1  # built in warm-up, reused by the call
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("kind", ["sd3", "schnell"])
+def test_cuda_graph_replay_of_transformers_equals_eager(kind):
+    student, teacher, _ = _pair(kind, device="cuda")
+    sampler = Sampler(student, teacher, PLUMBING, device="cuda")
+    cond, uncond, shape = _cond(2).to("cuda"), _cond(1, seed=9).to("cuda"), (4, 8, 12)
+    r = GraphRunner(sampler)
+    with torch.no_grad():
+        out = r.sample(cond, uncond=uncond, latent_shape=shape, seeds=[3, 4])
+        assert r.use_cuda_graphs and r.stats.captures == 1
+        ref = sampler.sample(cond, uncond=uncond, latent_shape=shape, seeds=[3, 4])
+    assert_close(out, ref, 1e-4, f"graph replay vs eager ({kind})")
 
 
 def test_onnx_export_refused_for_transformers(models, tmp_path):
