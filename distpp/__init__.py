@@ -10,11 +10,12 @@ from .pipeline import Pipeline
 from .runtime import CondSpec, Runtime
 from .sampler import Plan, Sampler, run_loop
 from .schedules import Schedule, build_schedule
+from .transformer import FluxDenoiser, SD3Denoiser
 
 __version__ = "0.1.0"
 
 __all__ = [
     "SamplerConfig", "Sampler", "GraphRunner", "Pipeline", "Runtime", "CondSpec", "DenoiserBase", "as_denoiser", "Plan", "run_loop", "Cond", "Denoiser", "ModelSpec", "UNetDenoiser", "Schedule",
     "build_schedule", "DistppError", "ConfigError", "InputError", "BackendUnavailableError", "WeightsNotFoundError",
-    "CacheError", "CaptureError", "__version__",
+    "CacheError", "CaptureError", "SD3Denoiser", "FluxDenoiser", "__version__",
 ]

@@ -81,7 +81,7 @@ class ModelSpec:
 
     in_channels: int | None = None
     cross_attention_dim: int | None = None
-    text_embeds_dim: int | None = None  # set for SDXL-style "text_time" conditioning
+    text_embeds_dim: int | None = None  # pooled text width: SDXL "text_time" (with time_ids), SD3/FLUX (without)
     time_ids_dim: int | None = None
     time_cond_proj_dim: int | None = None
     dtype: torch.dtype | None = None
@@ -104,6 +104,8 @@ class DenoiserBase:
                    student and teacher must then be distinct objects.
     prepare(cond): called once per sampling call, before the loop (default: ``cond`` unchanged).
     close():       release sessions / engines (default: nothing to release).
+    onnx_inputs(): the ONNX signature it exports with (default None: not exportable, refused by
+                   distpp.export with a ConfigError).
     """
 
     spec: ModelSpec = ModelSpec()
@@ -119,6 +121,11 @@ class DenoiserBase:
         return cond
 
     def close(self) -> None:
+        return None
+
+    def onnx_inputs(self) -> dict[str, dict[int, str]] | None:
+        """ONNX input names in the exported signature's order, each with its dynamic axes ({axis: dim name};
+        the first input is the latents x, whose axes the output shares); None when it cannot be exported."""
         return None
 
     def __call__(self, x: torch.Tensor, t: torch.Tensor, cond: Cond) -> torch.Tensor:
@@ -185,13 +192,17 @@ def check_cond(who: str, spec: ModelSpec, cond: Cond, batch: int | None) -> None
         raise InputError(f"{who} encoder_hidden_states width is {ehs.shape[-1]}; the model's "
                          f"cross_attention_dim is {spec.cross_attention_dim}: encode with the matching text encoder")
     if spec.text_embeds_dim is not None:
-        if cond.text_embeds is None or cond.time_ids is None:
+        if spec.time_ids_dim is None:  # pooled projection only (SD3 / FLUX transformers)
+            if cond.text_embeds is None:
+                raise InputError(f"{who} takes a pooled text projection: pass Cond(text_embeds=[B, "
+                                 f"{spec.text_embeds_dim}])")
+        elif cond.text_embeds is None or cond.time_ids is None:
             raise InputError(f"{who} is an SDXL-style model: pass Cond(text_embeds=[B, {spec.text_embeds_dim}], "
                              f"time_ids=[B, {spec.time_ids_dim}])")
         if tuple(cond.text_embeds.shape[1:]) != (spec.text_embeds_dim,):
             raise InputError(f"{who} text_embeds has shape {tuple(cond.text_embeds.shape)}; "
                              f"expected [B, {spec.text_embeds_dim}]")
-        if tuple(cond.time_ids.shape[1:]) != (spec.time_ids_dim,):
+        if spec.time_ids_dim is not None and tuple(cond.time_ids.shape[1:]) != (spec.time_ids_dim,):
             raise InputError(f"{who} time_ids has shape {tuple(cond.time_ids.shape)}; expected [B, {spec.time_ids_dim}]")
 
 
@@ -265,6 +276,13 @@ class UNetDenoiser(DenoiserBase):
         emb = guidance_scale_embedding(w, dim).to(device=cond.encoder_hidden_states.device,
                                                   dtype=cond.encoder_hidden_states.dtype)
         return replace(cond, timestep_cond=emb)
+
+    def onnx_inputs(self) -> dict[str, dict[int, str]]:
+        """``sample`` [batch, C, height, width], ``timestep`` [batch] and the Cond fields this UNet takes
+        (distpp.backends.plan's naming grid)."""
+        from .backends.plan import BATCH, HEIGHT, SAMPLE, WIDTH, input_names
+
+        return {n: {0: BATCH, 2: HEIGHT, 3: WIDTH} if n == SAMPLE else {0: BATCH} for n in input_names(self.spec)}
 
     def __call__(self, x: torch.Tensor, t: torch.Tensor, cond: Cond) -> torch.Tensor:
         return unet_forward(self.unet, x, t, cond)

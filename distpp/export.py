@@ -22,10 +22,9 @@ from typing import Any
 
 import torch
 
-from .backends.plan import (BATCH, HEIGHT, OUTPUT, SAMPLE, WIDTH, input_names, onnx_key,
-                            weights_hash)
+from .backends.plan import BATCH, OUTPUT, SAMPLE, onnx_key, weights_hash
 from .cache import ArtifactCache
-from .denoiser import Cond, UNetDenoiser, unet_forward
+from .denoiser import Cond, DenoiserBase, UNetDenoiser, unet_forward
 from .dtypes import parse_dtype
 from .errors import BackendUnavailableError, ConfigError, DistppError
 
@@ -76,7 +75,7 @@ class ExportConfig:
 
 
 class _UNetSignature(torch.nn.Module):
-    """The UNet with distpp's positional ONNX signature (see input_names)."""
+    """The UNet with distpp's positional ONNX signature (see UNetDenoiser.onnx_inputs)."""
 
     def __init__(self, unet, names: tuple[str, ...]):
         super().__init__()
@@ -88,6 +87,23 @@ class _UNetSignature(torch.nn.Module):
         return unet_forward(self.unet, a[SAMPLE], a["timestep"], cond)
 
 
+def export_inputs(base) -> dict[str, dict[int, str]]:
+    """``base``'s declared ONNX inputs (names -> dynamic axes); ConfigError for a Denoiser that cannot be
+    exported: one declaring none (``onnx_inputs()`` is None, e.g. the SD3/FLUX transformer adapters, whose
+    position tables and ids depend on the latent size), or one that is not a UNetDenoiser (the exporter
+    traces a diffusers UNet)."""
+    name = base.name if isinstance(base, DenoiserBase) else type(base).__name__
+    inputs = base.onnx_inputs() if isinstance(base, DenoiserBase) else None
+    if inputs is None:
+        raise ConfigError(f"export of {name} is not supported: it declares no ONNX input spec (onnx_inputs() is "
+                          f"None); ONNX export covers UNetDenoiser models, so run {name} with the eager or compile "
+                          "backend")
+    if not isinstance(base, UNetDenoiser):
+        raise ConfigError(f"export of {name} is not supported: distpp's exporter traces a diffusers UNet; pass a "
+                          "UNetDenoiser, or export your model yourself and pass onnx_path to the backend")
+    return inputs
+
+
 def example_inputs(base: UNetDenoiser, batch: int, latent_hw: tuple[int, int], tokens: int,
                    dtype: torch.dtype, seed: int = 0) -> dict[str, torch.Tensor]:
     """Random inputs by ONNX name for ``base``'s UNet (timesteps in [0, 999], float32)."""
@@ -97,7 +113,7 @@ def example_inputs(base: UNetDenoiser, batch: int, latent_hw: tuple[int, int], t
               "text_embeds": (batch, s.text_embeds_dim), "time_ids": (batch, s.time_ids_dim),
               "timestep_cond": (batch, s.time_cond_proj_dim)}
     out = {}
-    for name in input_names(s):
+    for name in export_inputs(base):
         if name == "timestep":
             out[name] = torch.rand(batch, generator=g) * 999.0
         else:
@@ -105,12 +121,12 @@ def example_inputs(base: UNetDenoiser, batch: int, latent_hw: tuple[int, int], t
     return {k: v.to(s.device) for k, v in out.items()}
 
 
-def dynamic_axes(names: tuple[str, ...], dynamic_spatial: bool) -> dict[str, dict[int, str]]:
-    axes = {n: {0: BATCH} for n in names + (OUTPUT,)}
-    if dynamic_spatial:
-        for n in (SAMPLE, OUTPUT):
-            axes[n] = {0: BATCH, 2: HEIGHT, 3: WIDTH}
-    return axes
+def dynamic_axes(inputs: dict[str, dict[int, str]], dynamic_spatial: bool) -> dict[str, dict[int, str]]:
+    """The declared input axes plus the output's (those of the first input, the latents); only the batch
+    axis stays dynamic without ``dynamic_spatial``."""
+    axes = dict(inputs)
+    axes[OUTPUT] = next(iter(inputs.values()))
+    return {n: dict(a) if dynamic_spatial else {k: v for k, v in a.items() if v == BATCH} for n, a in axes.items()}
 
 
 def _model_bytes(module: torch.nn.Module, dtype: torch.dtype) -> int:
@@ -127,10 +143,11 @@ def export_onnx(base: UNetDenoiser, folder: str | os.PathLike, cfg: ExportConfig
     """
     import onnx
 
+    inputs = export_inputs(base)
     unet = base.unet
     if next(unet.parameters()).dtype != cfg.torch_dtype:
         unet = copy.deepcopy(unet).to(cfg.torch_dtype)
-    names = input_names(base.spec)
+    names = tuple(inputs)
     args = example_inputs(base, cfg.example_batch, latent_hw, tokens, cfg.torch_dtype)
     module = _UNetSignature(unet, names).eval()
     external = cfg.external_data if cfg.external_data is not None else \
@@ -143,7 +160,7 @@ def export_onnx(base: UNetDenoiser, folder: str | os.PathLike, cfg: ExportConfig
         raw = Path(scratch) / ONNX_FILE
         with torch.no_grad(), _quiet_export():
             torch.onnx.export(module, tuple(args[n] for n in names), str(raw), input_names=list(names),
-                              output_names=[OUTPUT], dynamic_axes=dynamic_axes(names, cfg.dynamic_spatial),
+                              output_names=[OUTPUT], dynamic_axes=dynamic_axes(inputs, cfg.dynamic_spatial),
                               opset_version=int(cfg.opset), dynamo=cfg.exporter == "dynamo",
                               **({"do_constant_folding": True} if cfg.exporter == "legacy" else {}))
         model = onnx.load(str(raw), load_external_data=True)
@@ -190,13 +207,13 @@ def export_key(base: UNetDenoiser, cfg: ExportConfig, latent_hw: tuple[int, int]
     """(cache key, manifest meta) of exporting ``base`` with ``cfg``."""
     import onnx
 
-    names = input_names(base.spec)
+    inputs = export_inputs(base)
     shapes = {n: list(v.shape) for n, v in
               example_inputs(base, cfg.example_batch, latent_hw, tokens, torch.float32).items()}
     external = cfg.external_data if cfg.external_data is not None else \
         _model_bytes(base.unet, cfg.torch_dtype) > EXTERNAL_DATA_BYTES
     parts: dict[str, Any] = dict(model_config=config_for_key(base.unet), weights=weights_hash(base.unet),
-                                 opset=cfg.opset, dtype=cfg.dtype, dynamic_axes=dynamic_axes(names, cfg.dynamic_spatial),
+                                 opset=cfg.opset, dtype=cfg.dtype, dynamic_axes=dynamic_axes(inputs, cfg.dynamic_spatial),
                                  example_shapes=shapes, exporter=cfg.exporter, torch_version=torch.__version__,
                                  onnx_version=onnx.__version__, external_data=external)
     meta = {k: v for k, v in parts.items() if k != "model_config"}
@@ -206,6 +223,7 @@ def export_key(base: UNetDenoiser, cfg: ExportConfig, latent_hw: tuple[int, int]
 def cached_export(base: UNetDenoiser, cfg: ExportConfig = ExportConfig(), *, latent_hw: tuple[int, int],
                   tokens: int, cache: ArtifactCache | None = None) -> Path:
     """Path of ``model.onnx`` for ``base`` exported with ``cfg``: from the cache, or exported into it."""
+    export_inputs(base)  # a model that cannot be exported is refused before anything else is asked for
     _require_onnx()
     from .backends.plan import read_io_spec
 
@@ -224,12 +242,13 @@ def verify(base: UNetDenoiser, onnx_path: str | os.PathLike, *, latent_hw: tuple
     """
     from .backends.onnxruntime import OrtSession
 
+    names = tuple(export_inputs(base))
     sess = OrtSession(onnx_path, device="cpu")
     dtype = sess.io.dtype
     p = next(base.unet.parameters())
     # never move or cast the caller's UNet: work on a CPU copy unless it already is one in this dtype
     unet = base.unet if (p.dtype == dtype and p.device.type == "cpu") else copy.deepcopy(base.unet).to("cpu", dtype)
-    module = _UNetSignature(unet, input_names(base.spec)).eval()
+    module = _UNetSignature(unet, names).eval()
     worst = 0.0
     for i, b in enumerate(batches):
         feeds = {k: v.cpu() for k, v in example_inputs(base, b, latent_hw, tokens, dtype, seed=seed + i).items()}

@@ -28,6 +28,21 @@ _TINY = dict(
 _TINY_XL = dict(_TINY, addition_embed_type="text_time", addition_time_embed_dim=8,
                 projection_class_embeddings_input_dim=6 * 8 + 32, transformer_layers_per_block=1)
 
+# Tiny random flow-matching transformers (seconds on a CPU), 4 latent channels like the tiny UNets; configs
+# only, for presets built from them later. SD3: 2x2 patches, position table up to 16 patches (32 latent
+# pixels) a side. FLUX: in_channels is the packed width (4 latent channels x 2x2 patch), axes_dims_rope
+# sums to attention_head_dim; the teacher (FLUX.1-dev style) adds guidance_embeds=True.
+_TINY_SD3 = dict(
+    sample_size=16, patch_size=2, in_channels=4, out_channels=4, num_layers=2, attention_head_dim=8,
+    num_attention_heads=2, joint_attention_dim=32, caption_projection_dim=16, pooled_projection_dim=32,
+    pos_embed_max_size=16,
+)
+_TINY_FLUX = dict(
+    patch_size=1, in_channels=16, out_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=16,
+    num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=32, guidance_embeds=False,
+    axes_dims_rope=(4, 6, 6),
+)
+
 _SD15 = dict(
     sample_size=64, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(320, 640, 1280, 1280),
     down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),

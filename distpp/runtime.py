@@ -39,8 +39,8 @@ class CondSpec:
 
     tokens:   text tokens L of encoder_hidden_states [L, width] (e.g. 77 for CLIP).
     width:    encoder_hidden_states width (the UNet's cross_attention_dim).
-    pooled:   width of SDXL-style pooled text_embeds, else None.
-    time_ids: width of SDXL micro-conditioning time_ids (6), else None; set together with ``pooled``.
+    pooled:   width of the pooled text_embeds (SDXL; SD3/FLUX's pooled projection), else None.
+    time_ids: width of SDXL micro-conditioning time_ids (6), else None; only together with ``pooled``.
     """
 
     tokens: int
@@ -56,9 +56,9 @@ class CondSpec:
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 raise ConfigError(f"CondSpec.{name} must be an int >= 1{' or None' if name in ('pooled', 'time_ids') else ''}"
                                   f", got {v!r}")
-        if (self.pooled is None) != (self.time_ids is None):
+        if self.time_ids is not None and self.pooled is None:
             raise ConfigError("CondSpec: SDXL-style conditioning has both pooled and time_ids (e.g. pooled=1280, "
-                              "time_ids=6); SD1.5-style has neither")
+                              "time_ids=6); SD3/FLUX-style has pooled only (e.g. pooled=2048), SD1.5-style neither")
 
     def stand_in(self, rows: int, *, seed: int = 0) -> Cond:
         """A random Cond of ``rows`` rows with these shapes (float32, CPU): warm-up conditioning."""
@@ -66,7 +66,8 @@ class CondSpec:
         ehs = torch.randn(rows, self.tokens, self.width, generator=g)
         if self.pooled is None:
             return Cond(ehs)
-        return Cond(ehs, torch.randn(rows, self.pooled, generator=g), torch.randn(rows, self.time_ids, generator=g))
+        pooled = torch.randn(rows, self.pooled, generator=g)
+        return Cond(ehs, pooled, None if self.time_ids is None else torch.randn(rows, self.time_ids, generator=g))
 
 
 @dataclass(frozen=True)

@@ -135,7 +135,7 @@ def test_bad_settings_are_refused(tiny_pair, spec):
     with pytest.raises(ConfigError, match="CondSpec.tokens"):
         CondSpec(0, 32)
     with pytest.raises(ConfigError, match="both pooled and time_ids"):
-        CondSpec(8, 32, pooled=32)
+        CondSpec(8, 32, time_ids=6)  # pooled alone is SD3/FLUX-style, time_ids alone is nothing
     with pytest.raises(ConfigError, match="cond_spec"):
         Runtime(tiny_pair.student, tiny_pair.teacher, cond_spec=(8, 32))
     with pytest.raises(ConfigError, match="graphs must be"):
