@@ -230,7 +230,8 @@ class Sampler:
         latent_shape:  (C, H, W) of the latents; or noise: [B, C, H, W] unit-variance initial noise.
         seeds:         one int per sample (default 0..B-1); or generators / guidance_generators, one per
                        sample (see the randomness contract in docs/ARCHITECTURE.md).
-        lam, cfg:      per-call overrides, a float or one per sample.
+        lam, cfg:      per-call overrides, a float or one per sample (cfg: the CFG scale, or with
+                       teacher_guidance="embedded" the teacher's guidance input w).
         timer:         optional StageTimer for per-stage timings.
         """
         with device_guard(self.device):
