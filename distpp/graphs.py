@@ -15,10 +15,11 @@ they only change what is copied into the static buffers.
 Keys (``GraphKey``) hold everything that fixes a static buffer's shape or dtype or the captured work:
 model label, backend, family, steps, guided steps, fused-op implementation, batch, latent shape,
 dtypes, device, the conditioning fields' row shapes and the teacher form (CFG or embedded guidance).
-A call whose plan does not match a cached key is routed to a new capture (``on_miss="capture"``), run eagerly (``"eager"``) or refused with
-CaptureError (``"error"``); buffers are also checked field by field before each copy, so a plan is never
-replayed on buffers of another shape or dtype. With ``pad=True`` a batch smaller than a cached key's is
-padded to it (rows replicate the last sample and are dropped from the result).
+A call whose plan does not match a cached key is routed to a new capture (``on_miss="capture"``), run
+eagerly (``"eager"``) or refused with CaptureError (``"error"``); buffers are also checked field by
+field before each copy, so a plan is never replayed on buffers of another shape or dtype. With
+``pad=True`` a batch smaller than a cached key's is padded to it (rows replicate the last sample and are
+dropped from the result).
 
 Several runners may share one :class:`GraphBudget` (a Runtime's: one per sampler config): the LRU bound
 then counts every runner's cached keys together, and the runners share the budget's lock.
