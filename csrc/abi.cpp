@@ -67,10 +67,10 @@ int check_table(int64_t step, int64_t rows, int64_t row_floats, const char* tabl
 }
 
 int check_teacher_rows(int64_t rows, int64_t batch) {
-  if (rows != 2 * batch)
-    return fail(DISTPP_ERROR_INVALID_SIZE, "teacher_rows is %lld; this version takes 2 * batch (%lld): the CFG "
-                "pair, uncond rows first (batch rows, for an embedded-guidance teacher, are reserved)",
-                (long long)rows, (long long)(2 * batch));
+  if (rows != 2 * batch && rows != batch)
+    return fail(DISTPP_ERROR_INVALID_SIZE, "teacher_rows is %lld; pass 2 * batch (%lld) for a CFG teacher (uncond "
+                "rows first) or batch (%lld) for an embedded-guidance teacher", (long long)rows,
+                (long long)(2 * batch), (long long)batch);
   return DISTPP_SUCCESS;
 }
 

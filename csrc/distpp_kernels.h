@@ -2,7 +2,11 @@
  *
  * Three ops, the same math as distpp.kernels (docs/ARCHITECTURE.md, "Fused-op convention"):
  *   distpp_student_update: x0 = P_x x + P_m m_s; x_s = a_s[b] x0 + s_s[b] n; out[b] = out[B + b] = x_s
+ *                          (out[b] = x_s alone for an embedded-guidance teacher)
  *   distpp_guided_update:  teacher CFG combine, teacher x0, proximal step, the student's native update
+ * Teacher form (teacher_rows): 2 * B rows are a CFG teacher's [uncond; cond] pair, combined as
+ * m_T = m_u + cfg (m_c - m_u); B rows are an embedded-guidance teacher's (FLUX.1-dev: the guidance scale
+ * is its input) prediction, m_T = m_t, and cfg is not read.
  *   distpp_plain_update:   the student's native update (unguided steps)
  * All latent buffers are contiguous [B, per-sample] arrays; arithmetic is float32. The schedule tables
  * (coef [num_steps, 8], gcoef [num_guided, B, 4]) and lam/cfg ([B]) are read from device memory at run
@@ -23,12 +27,13 @@
  * DISTPP_PARAMS_HEADER(type). A library refuses any struct_size or abi_version but its own with
  * DISTPP_ERROR_ABI_MISMATCH before it reads another field, so a struct compiled against another header
  * is an error, never misread. Any change to a params struct, an enum value or a signature bumps
- * DISTPP_ABI_VERSION. Reserved field values (teacher_rows other than 2 * batch) are refused with
- * DISTPP_ERROR_INVALID_SIZE; a later version may accept them without a layout change, and a caller that
- * needs one tells an older library by that status.
+ * DISTPP_ABI_VERSION. Field values outside those documented (teacher_rows other than batch or 2 * batch)
+ * are refused with DISTPP_ERROR_INVALID_SIZE; a later version may accept more without a layout change,
+ * and a caller that needs one tells an older library by that status.
  * History: 1 first release. 2: struct_size/abi_version, draws_noise (guided, plain), teacher_rows
- * (student, guided; batch rows reserved for an embedded-guidance teacher), statuses 8 and 9, and the
- * int64 size limits above; DISTPP_ERROR_UNSUPPORTED documented as reserved.
+ * (student, guided: 2 * batch for a CFG teacher, batch for an embedded-guidance teacher), statuses 8 and
+ * 9, and the int64 size limits above; DISTPP_ERROR_UNSUPPORTED documented as reserved. Version 2 ships
+ * in one release with both teacher forms: no released version 2 library refuses teacher_rows == batch.
  */
 #ifndef DISTPP_KERNELS_H_
 #define DISTPP_KERNELS_H_
@@ -90,13 +95,13 @@ typedef struct distpp_student_update_params {
   const float* n;     /* [B, per] float32 guidance re-noise of this step */
   const float* coef;  /* [num_steps, 8] float32 schedule table */
   const float* gcoef; /* [num_guided, B, 4] float32 guidance table */
-  void* out;          /* [teacher_rows, per] teacher input, out_dtype: rows b and B + b both get x_s */
+  void* out;          /* [teacher_rows, per] teacher input, out_dtype: row b (and B + b for CFG) get x_s */
   int64_t batch;      /* B: 1 <= B <= 65535 */
   int64_t numel;      /* B * per: elements of x (not of out) */
   int64_t num_steps;  /* rows of coef */
   int64_t num_guided; /* G: rows of gcoef */
   int64_t step;       /* k: 0 <= k < min(num_steps, num_guided) */
-  int64_t teacher_rows; /* rows of out: 2 * B (the CFG pair); B is reserved (embedded-guidance teacher) */
+  int64_t teacher_rows; /* rows of out: 2 * B (CFG teacher) or B (embedded-guidance teacher) */
   int32_t m_s_dtype;  /* distpp_dtype */
   int32_t out_dtype;  /* distpp_dtype */
 } distpp_student_update_params;
@@ -107,12 +112,12 @@ typedef struct distpp_guided_update_params {
   const float* x;     /* [B, per] float32 sampler state */
   const void* m_s;    /* [B, per] student prediction, m_s_dtype */
   const float* n;     /* [B, per] float32 guidance re-noise (the one student_update used) */
-  const void* m_t;    /* [teacher_rows, per] teacher prediction, m_t_dtype; uncond rows first */
+  const void* m_t;    /* [teacher_rows, per] teacher prediction, m_t_dtype; CFG: uncond rows first */
   const float* z;     /* [B, per] float32 fresh noise of this step; NULL exactly when draws_noise is 0 */
   const float* coef;  /* [num_steps, 8] float32 */
   const float* gcoef; /* [num_guided, B, 4] float32 */
   const float* lam;   /* [B] float32 guidance strength, read at run time */
-  const float* cfg;   /* [B] float32 teacher CFG scale, read at run time */
+  const float* cfg;   /* [B] float32 teacher CFG scale, read at run time (CFG teacher only; still required) */
   float* x_out;       /* [B, per] float32 next state; may equal x (elementwise in place) */
   void* xin_out;      /* [B, per] next model input c_in[k+1] * x_next in xin_dtype, or NULL */
   int64_t batch;
@@ -120,7 +125,7 @@ typedef struct distpp_guided_update_params {
   int64_t num_steps;
   int64_t num_guided;
   int64_t step;
-  int64_t teacher_rows; /* rows of m_t: 2 * B (the CFG pair); B is reserved (embedded-guidance teacher) */
+  int64_t teacher_rows; /* rows of m_t: 2 * B (CFG teacher: combined with cfg) or B (embedded guidance) */
   int32_t m_s_dtype;
   int32_t m_t_dtype;
   int32_t xin_dtype;  /* ignored when xin_out is NULL */

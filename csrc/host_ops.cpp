@@ -14,12 +14,13 @@ DISTPP_API int distpp_student_update(const distpp_student_update_params* p, cuda
   if (s != DISTPP_SUCCESS) return s;
   const int64_t per = p->numel / p->batch;
   const StepCoef c = load_step(p->coef, p->step);
+  const bool cfg_pair = p->teacher_rows == 2 * p->batch;  // checked: else teacher_rows == batch
   for (int64_t b = 0; b < p->batch; ++b) {
     const GuideCoef g = load_guide(p->gcoef, p->step, p->batch, b);
     for (int64_t i = b * per; i < (b + 1) * per; ++i) {
       const float xs = student_update_elem(c, g, p->x[i], load_elem(p->m_s, p->m_s_dtype, i), p->n[i]);
       store_elem(p->out, p->out_dtype, i, xs);
-      store_elem(p->out, p->out_dtype, p->numel + i, xs);
+      if (cfg_pair) store_elem(p->out, p->out_dtype, p->numel + i, xs);
     }
   }
   return DISTPP_SUCCESS;
@@ -30,15 +31,16 @@ DISTPP_API int distpp_guided_update(const distpp_guided_update_params* p, cudaSt
   if (s != DISTPP_SUCCESS) return s;
   const int64_t per = p->numel / p->batch;
   const StepCoef c = load_step(p->coef, p->step);
+  const bool cfg_pair = p->teacher_rows == 2 * p->batch;  // checked: else teacher_rows == batch
   for (int64_t b = 0; b < p->batch; ++b) {
     const GuideCoef g = load_guide(p->gcoef, p->step, p->batch, b);
-    const float lam = p->lam[b], cfg = p->cfg[b];
+    const float lam = p->lam[b], cfg = cfg_pair ? p->cfg[b] : 0.0f;  // embedded guidance: cfg not read
     const bool has_z = p->draws_noise != 0;  // checked: z is set exactly then
     for (int64_t i = b * per; i < (b + 1) * per; ++i) {
-      const float nxt = guided_update_elem(c, g, lam, cfg, p->x[i], load_elem(p->m_s, p->m_s_dtype, i), p->n[i],
-                                           load_elem(p->m_t, p->m_t_dtype, i),
-                                           load_elem(p->m_t, p->m_t_dtype, p->numel + i), has_z,
-                                           has_z ? p->z[i] : 0.0f);
+      const float mu = load_elem(p->m_t, p->m_t_dtype, i);
+      const float mc = cfg_pair ? load_elem(p->m_t, p->m_t_dtype, p->numel + i) : mu;
+      const float nxt = guided_update_elem(c, g, lam, cfg_pair, cfg, p->x[i], load_elem(p->m_s, p->m_s_dtype, i),
+                                           p->n[i], mu, mc, has_z, has_z ? p->z[i] : 0.0f);
       p->x_out[i] = nxt;
       if (p->xin_out != nullptr) store_elem(p->xin_out, p->xin_dtype, i, c.cin_next * nxt);
     }

@@ -1,4 +1,5 @@
-// student_update on the GPU: one launch writes both halves of the teacher's batch-2B input.
+// student_update on the GPU: one launch writes both halves of a CFG teacher's batch-2B input, or the B rows
+// of an embedded-guidance teacher's.
 #include <cuda_runtime.h>
 
 #include "abi_checks.h"
@@ -8,7 +9,7 @@
 namespace distpp {
 namespace {
 
-template <int VEC>
+template <int VEC, bool CFG_PAIR>
 __global__ void __launch_bounds__(kThreads) student_update_kernel(distpp_student_update_params p, int64_t per) {
   const int64_t b = blockIdx.y;
   const int64_t j = ((int64_t)blockIdx.x * kThreads + threadIdx.x) * VEC;
@@ -23,7 +24,7 @@ __global__ void __launch_bounds__(kThreads) student_update_kernel(distpp_student
 #pragma unroll
   for (int k = 0; k < VEC; ++k) x[k] = student_update_elem(c, g, x[k], m[k], n[k]);
   store_vec<VEC>(p.out, p.out_dtype, i, x);
-  store_vec<VEC>(p.out, p.out_dtype, p.numel + i, x);
+  if (CFG_PAIR) store_vec<VEC>(p.out, p.out_dtype, p.numel + i, x);
 }
 
 }  // namespace
@@ -36,9 +37,14 @@ extern "C" DISTPP_API int distpp_student_update(const distpp_student_update_para
   const int64_t per = p->numel / p->batch;
   // The upper half of `out` starts numel elements in: aligned when the base is (per % 8 == 0).
   const void* ptrs[] = {p->x, p->m_s, p->n, p->out};
-  if (vectorizable(per, ptrs, 4))
-    student_update_kernel<8><<<grid_for(per, p->batch, 8), kThreads, 0, stream>>>(*p, per);
-  else
-    student_update_kernel<1><<<grid_for(per, p->batch, 1), kThreads, 0, stream>>>(*p, per);
+  const bool vec = vectorizable(per, ptrs, 4);
+  const dim3 grid = grid_for(per, p->batch, vec ? 8 : 1);
+  if (p->teacher_rows == 2 * p->batch) {  // checked: else teacher_rows == batch (embedded guidance)
+    if (vec) student_update_kernel<8, true><<<grid, kThreads, 0, stream>>>(*p, per);
+    else student_update_kernel<1, true><<<grid, kThreads, 0, stream>>>(*p, per);
+  } else {
+    if (vec) student_update_kernel<8, false><<<grid, kThreads, 0, stream>>>(*p, per);
+    else student_update_kernel<1, false><<<grid, kThreads, 0, stream>>>(*p, per);
+  }
   return launch_status();
 }

@@ -40,6 +40,8 @@ def baseline_sample(student, teacher, config: SamplerConfig, cond: Cond, uncond:
     """Guided sampling the eager (or research) way; returns float32 latents [B, C, H, W]."""
     if config.teacher_rule == "random":
         raise NotImplementedError("the baselines implement the 'next' and 'same' teacher rules")
+    if config.teacher_guidance != "cfg":
+        raise NotImplementedError("the baselines implement the CFG teacher (teacher_guidance='cfg') only")
     teacher_dtype = teacher_dtype or dtype
     fam, pt, tpt = config.family, config.prediction_type, config.teacher_prediction_type
     sched = make_scheduler(fam, config.scheduler_config, pt)

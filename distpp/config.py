@@ -14,6 +14,9 @@ from .ops import KERNEL_IMPLS
 from .schedules import FAMILIES, PREDICTION_TYPES
 
 TEACHER_RULES = ("next", "same", "random")
+# How the teacher applies the guidance scale w (cfg): "cfg" = classifier-free guidance over one batch-2B
+# forward on [uncond; cond]; "embedded" = a guidance-distilled teacher taking w as an input (Cond.guidance).
+TEACHER_GUIDANCE = ("cfg", "embedded")
 # ALGORITHM.md defaults: 0.01 for the LCM family and DMD2, 0.1 for SDXL-Lightning (euler), 0.05 for
 # SDXL-Turbo (euler_a); DDIM students are not in the paper: the VP families' 0.01.
 DEFAULT_LAM = {"lcm": 0.01, "dmd2": 0.01, "euler": 0.1, "euler_a": 0.05, "ddim": 0.01}
@@ -29,7 +32,15 @@ class SamplerConfig:
     guided_steps:    G, teacher-guided steps at the start, 0..N (default 1; 0 = plain student).
     lam:             proximal weight in [0, 1]; None = the family default (DEFAULT_LAM). Python, numpy or
                      0-d tensor numbers are taken and stored as a float (likewise cfg).
-    cfg:             teacher CFG scale w, 0 <= w <= FLOAT32_MAX (default 7.5; the guidance is float32).
+    cfg:             teacher CFG scale w, 0 <= w <= FLOAT32_MAX (default 7.5; the guidance is float32). With
+                     teacher_guidance="embedded" it is the teacher's guidance input instead.
+    teacher_guidance: how the teacher guides, fixed per sampler (a captured graph has one form):
+                     "cfg" (default): classifier-free guidance, one batch-2B teacher forward on
+                     [uncond; cond] combined as m_u + w (m_c - m_u); needs uncond.
+                     "embedded": a guidance-distilled teacher (FLUX.1-dev) that takes w as an input: one
+                     batch-B forward with Cond.guidance = the call's per-sample cfg (device-resident, so a
+                     graph replays with a new w); no uncond (passing one is an error). The default w of
+                     such a teacher (3.5 for FLUX.1-dev) is set by its pipeline, not here.
     teacher_rule:    teacher timestep: "next" (the level the student's update moves to; default),
                      "same" (the student's t) or "random" (uniform integer in [next, t]).
     prediction_type: the student's: epsilon, v_prediction or sample.
@@ -50,6 +61,7 @@ class SamplerConfig:
     lam: float | None = None
     cfg: float = 7.5
     teacher_rule: str = "next"
+    teacher_guidance: str = "cfg"
     prediction_type: str = "epsilon"
     teacher_prediction_type: str = "epsilon"
     scheduler_config: Mapping[str, Any] | None = field(default=None, hash=False)
@@ -84,6 +96,10 @@ class SamplerConfig:
         object.__setattr__(self, "cfg", check_cfg(self.cfg))
         if self.teacher_rule not in TEACHER_RULES:
             raise ConfigError(f"unknown teacher_rule {self.teacher_rule!r}; pass one of {', '.join(TEACHER_RULES)}")
+        if self.teacher_guidance not in TEACHER_GUIDANCE:
+            raise ConfigError(f"unknown teacher_guidance {self.teacher_guidance!r}; pass 'cfg' (classifier-free "
+                              "guidance over [uncond; cond]) or 'embedded' (a guidance-distilled teacher taking w "
+                              "as an input, e.g. FLUX.1-dev)")
         if self.kernel_impl not in KERNEL_IMPLS:
             raise ConfigError(f"unknown kernel_impl {self.kernel_impl!r}; pass one of {', '.join(KERNEL_IMPLS)}")
 

@@ -14,11 +14,12 @@ they only change what is copied into the static buffers.
 
 Keys (``GraphKey``) hold everything that fixes a static buffer's shape or dtype or the captured work:
 model label, backend, family, steps, guided steps, fused-op implementation, batch, latent shape,
-dtypes, device and the conditioning fields' row shapes. A call whose plan does not match a cached key
-is routed to a new capture (``on_miss="capture"``), run eagerly (``"eager"``) or refused with
-CaptureError (``"error"``); buffers are also checked field by field before each copy, so a plan is never
-replayed on buffers of another shape or dtype. With ``pad=True`` a batch smaller than a cached key's is
-padded to it (rows replicate the last sample and are dropped from the result).
+dtypes, device, the conditioning fields' row shapes and the teacher form (CFG or embedded guidance).
+A call whose plan does not match a cached key is routed to a new capture (``on_miss="capture"``), run
+eagerly (``"eager"``) or refused with CaptureError (``"error"``); buffers are also checked field by
+field before each copy, so a plan is never replayed on buffers of another shape or dtype. With
+``pad=True`` a batch smaller than a cached key's is padded to it (rows replicate the last sample and are
+dropped from the result).
 
 Several runners may share one :class:`GraphBudget` (a Runtime's: one per sampler config): the LRU bound
 then counts every runner's cached keys together, and the runners share the budget's lock.
@@ -45,9 +46,16 @@ from .ops import FusedOps
 from .sampler import Plan, Sampler, device_guard, run_loop
 
 ON_MISS = ("capture", "eager", "error")
-# (Plan field, batch axis, halves): t_teacher and cond_t hold [uncond B; cond B] rows.
+# (Plan field, batch axis, halves): TEACHER marks the teacher's rows, plan.teacher_halves per sample: 2 for
+# a CFG teacher ([uncond B; cond B]: t_teacher, cond_t, t_in, m_t), 1 for an embedded-guidance teacher.
+TEACHER = "teacher"
 _BATCHED = (("x", 0, 1), ("x_in", 0, 1), ("z", 1, 1), ("n", 1, 1), ("gcoef", 1, 1), ("t_student", 1, 1),
-            ("t_teacher", 1, 2), ("lam", 0, 1), ("cfg", 0, 1))
+            ("t_teacher", 1, TEACHER), ("lam", 0, 1), ("cfg", 0, 1))
+
+
+def _halves(plan: Plan, halves) -> int:
+    """Rows per sample of a batched field: its table entry, or the plan's teacher form for TEACHER."""
+    return plan.teacher_halves if halves == TEACHER else halves
 
 
 @dataclass(frozen=True)
@@ -66,6 +74,7 @@ class GraphKey:
     teacher_dtype: str
     device: str
     cond: tuple  # ((role, field, row shape, dtype), ...) of the prepared student and teacher Cond
+    teacher_guidance: str = "cfg"  # the teacher form ("cfg": 2B teacher rows, "embedded": B); fixes shapes
 
     def with_batch(self, batch: int) -> "GraphKey":
         return replace(self, batch=batch)
@@ -116,7 +125,8 @@ def plan_key(plan: Plan, sampler: Sampler, *, model: str, backend: str, ops: Fus
                     guided_steps=plan.guided_steps, ops=ops.name, batch=plan.batch,
                     latent_shape=tuple(plan.x.shape[1:]), dtype=_dt(plan.x_in.dtype),
                     teacher_dtype=_dt(plan.t_in.dtype) if plan.t_in is not None else "",
-                    device=str(plan.x.device), cond=_cond_sig("student", plan.cond_s) + _cond_sig("teacher", plan.cond_t))
+                    device=str(plan.x.device), cond=_cond_sig("student", plan.cond_s) + _cond_sig("teacher", plan.cond_t),
+                    teacher_guidance="embedded" if plan.teacher_halves == 1 else "cfg")
 
 
 def _rows(t: torch.Tensor, axis: int, halves: int, batch: int) -> torch.Tensor:
@@ -152,7 +162,7 @@ def _put(dst: torch.Tensor, src: torch.Tensor, axis: int, halves: int) -> None:
 
 
 def _cond_pairs(static: Plan, plan: Plan):
-    for role, halves in (("cond_s", 1), ("cond_t", 2)):
+    for role, halves in (("cond_s", 1), ("cond_t", static.teacher_halves)):
         a, b = getattr(static, role), getattr(plan, role)
         if (a is None) != (b is None) or (a is not None and set(a.tensors()) != set(b.tensors())):
             raise CaptureError(f"the call's {role} fields differ from the captured graph's; refusing to replay")
@@ -169,7 +179,10 @@ def fill_plan(static: Plan, plan: Plan) -> None:
     """
     if plan.guided_steps != static.guided_steps:
         raise CaptureError(f"the call has {plan.guided_steps} guided steps, the graph {static.guided_steps}")
-    pairs = [(n, getattr(static, n), getattr(plan, n), ax, h) for n, ax, h in _BATCHED]
+    if plan.teacher_halves != static.teacher_halves:
+        raise CaptureError(f"the call's teacher has {plan.teacher_halves} rows per sample, the graph's "
+                           f"{static.teacher_halves} (CFG 2, embedded guidance 1); refusing to replay")
+    pairs = [(n, getattr(static, n), getattr(plan, n), ax, _halves(static, h)) for n, ax, h in _BATCHED]
     pairs += [(n, d, s, 0, h) for n, d, s, h in _cond_pairs(static, plan)]
     for name, d, s, ax, _ in pairs:  # check all before writing any
         _check(d, s, ax, name)
@@ -179,20 +192,22 @@ def fill_plan(static: Plan, plan: Plan) -> None:
 
 def alloc_static(plan: Plan, batch: int) -> Plan:
     """Static buffers shaped like ``plan`` at ``batch`` samples, filled from ``plan`` (padded)."""
+    th = plan.teacher_halves
     with torch.inference_mode(False):
-        bufs = {n: _rows(getattr(plan, n), ax, h, batch) for n, ax, h in _BATCHED}
+        bufs = {n: _rows(getattr(plan, n), ax, _halves(plan, h), batch) for n, ax, h in _BATCHED}
         cond_s = plan.cond_s.map(lambda v: _rows(v, 0, 1, batch))
-        cond_t = plan.cond_t.map(lambda v: _rows(v, 0, 2, batch)) if plan.cond_t is not None else None
+        cond_t = plan.cond_t.map(lambda v: _rows(v, 0, th, batch)) if plan.cond_t is not None else None
         t_in = None
         if plan.t_in is not None:
-            t_in = _rows(plan.t_in, 0, 2, batch)
+            t_in = _rows(plan.t_in, 0, th, batch)
         # scratch for non-contiguous predictions (see Plan), never copied from a call's plan
         m_s = torch.empty_like(bufs["x"])
-        m_t = _rows(bufs["x"], 0, 2, batch) if plan.guided_steps > 0 else None
-    static = Plan(t_in=t_in, cond_s=cond_s, cond_t=cond_t, guided_steps=plan.guided_steps, m_s=m_s, m_t=m_t, **bufs)
+        m_t = _rows(bufs["x"], 0, th, batch) if plan.guided_steps > 0 else None
+    static = Plan(t_in=t_in, cond_s=cond_s, cond_t=cond_t, guided_steps=plan.guided_steps, m_s=m_s, m_t=m_t,
+                  teacher_halves=th, **bufs)
     fill_plan(static, plan)
     if t_in is not None:  # finite values before the first student_update (forward-only timing reads it)
-        t_in.copy_(static.x_in.repeat((2,) + (1,) * (static.x_in.dim() - 1)).to(t_in.dtype))
+        t_in.copy_(static.x_in.repeat((th,) + (1,) * (static.x_in.dim() - 1)).to(t_in.dtype))
     return static
 
 

@@ -304,10 +304,13 @@ class Runtime:
     def _stand_in(self, cfg: SamplerConfig, batch: int) -> dict[str, Cond]:
         out = {"cond": self.cond_spec.stand_in(batch)}
         if cfg.guided_steps > 0:
-            out["uncond"] = self.cond_spec.stand_in(1, seed=1)
+            cfg_pair = cfg.teacher_guidance == "cfg"  # an embedded-guidance teacher takes no uncond
+            if cfg_pair:
+                out["uncond"] = self.cond_spec.stand_in(1, seed=1)
             if self.teacher_cond_spec is not None:
                 out["teacher_cond"] = self.teacher_cond_spec.stand_in(batch, seed=2)
-                out["teacher_uncond"] = self.teacher_cond_spec.stand_in(1, seed=3)
+                if cfg_pair:
+                    out["teacher_uncond"] = self.teacher_cond_spec.stand_in(1, seed=3)
         return out
 
     @property

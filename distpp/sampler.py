@@ -11,7 +11,7 @@ import contextlib
 import math
 import operator
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Sequence
 
 import torch
@@ -37,16 +37,20 @@ MAX_LATENT_NUMEL = 2**30
 class Plan:
     """Static buffers of one sampling call (B samples, latent [C, H, W], N steps, G guided).
 
+    The teacher's rows per sample, R = ``teacher_halves``: 2 for a CFG teacher ([uncond B; cond B]),
+    1 for an embedded-guidance teacher (B rows; its w is ``cond_t.guidance``, filled from ``cfg``).
+
     x:        [B, C, H, W] float32 sampler state (initial noise * init_noise_sigma; final result).
     x_in:     [B, C, H, W] student input (model dtype), c_in[0] * x to start.
     z:        [N, B, C, H, W] float32 fresh noise per step (rows of steps that draw none are unused).
     n:        [G, B, C, H, W] float32 guidance re-noise.
-    t_in:     [2B, C, H, W] teacher input (teacher dtype), written by student_update.
+    t_in:     [R*B, C, H, W] teacher input (teacher dtype), written by student_update.
     gcoef:    [G, B, 4] float32 guidance table (a_s, s_s, tp_x, tp_m).
-    t_student:[N, B] float32 student timesteps; t_teacher: [G, 2B] float32 teacher timesteps.
+    t_student:[N, B] float32 student timesteps; t_teacher: [G, R*B] float32 teacher timesteps.
     lam, cfg: [B] float32 (device-resident: a captured graph reads them at replay).
-    cond_s:   prepared student Cond [B]; cond_t: prepared teacher Cond [2B] (uncond rows first).
-    m_s, m_t: [B, C, H, W] and [2B, C, H, W] float32 contiguous buffers: a prediction that is not contiguous
+    cond_s:   prepared student Cond [B]; cond_t: prepared teacher Cond [R*B] (CFG: uncond rows first;
+              embedded: with ``guidance`` [B] float32 = the call's cfg).
+    m_s, m_t: [B, C, H, W] and [R*B, C, H, W] float32 contiguous buffers: a prediction that is not contiguous
               (a UNet in channels_last) is copied into them before the fused ops, which index contiguous
               memory; float32 holds every prediction dtype exactly. None (a Plan built by hand): such a
               prediction is made contiguous per step instead, which allocates.
@@ -67,6 +71,7 @@ class Plan:
     guided_steps: int
     m_s: torch.Tensor | None = None
     m_t: torch.Tensor | None = None
+    teacher_halves: int = 2
 
     @property
     def batch(self) -> int:
@@ -76,8 +81,10 @@ class Plan:
 def run_loop(student, teacher, ops: FusedOps, schedule: Schedule, plan: Plan, timer=None) -> torch.Tensor:
     """The guided sampling loop over ``plan``'s buffers; returns ``plan.x`` (final latents, float32).
 
-    Per step: one student forward; on guided steps (k < G) student_update -> one batch-2B teacher
-    forward -> guided_update; else plain_update. Python branches only on host ints fixed per schedule.
+    Per step: one student forward; on guided steps (k < G) student_update -> one teacher forward (batch
+    2B for a CFG teacher, B for an embedded-guidance one: the fused ops read the form from ``t_in``'s and
+    the prediction's rows) -> guided_update; else plain_update. Python branches only on host ints fixed
+    per schedule.
     """
     N, G, coef = schedule.steps, plan.guided_steps, schedule.coef
     if timer is not None:
@@ -155,6 +162,8 @@ class Sampler:
                  device: torch.device | str | None = None, dtype: torch.dtype | None = None,
                  teacher_dtype: torch.dtype | None = None):
         self.config = config = config or SamplerConfig()
+        # teacher rows per sample: 2 for CFG ([uncond; cond]), 1 for an embedded-guidance teacher (see Plan)
+        self.teacher_halves = 1 if config.teacher_guidance == "embedded" else 2
         if not callable(student):
             raise ConfigError("student must be a Denoiser: a callable (x, t, cond) -> prediction")
         if teacher is not None and not callable(teacher):
@@ -215,12 +224,14 @@ class Sampler:
 
         cond:          student conditioning, B rows (B = the batch).
         uncond:        the negative/empty-prompt conditioning for the teacher's CFG (1 or B rows); needed
-                       when guided_steps > 0. teacher_cond / teacher_uncond override cond / uncond for a
-                       teacher with other encoders.
+                       when guided_steps > 0 with teacher_guidance="cfg", refused with "embedded" (that
+                       teacher takes cfg as its guidance input). teacher_cond / teacher_uncond override
+                       cond / uncond for a teacher with other encoders.
         latent_shape:  (C, H, W) of the latents; or noise: [B, C, H, W] unit-variance initial noise.
         seeds:         one int per sample (default 0..B-1); or generators / guidance_generators, one per
                        sample (see the randomness contract in docs/ARCHITECTURE.md).
-        lam, cfg:      per-call overrides, a float or one per sample.
+        lam, cfg:      per-call overrides, a float or one per sample (cfg: the CFG scale, or with
+                       teacher_guidance="embedded" the teacher's guidance input w).
         timer:         optional StageTimer for per-stage timings.
         """
         with device_guard(self.device):
@@ -260,13 +271,31 @@ class Sampler:
         shape = self._latent_shape(B, latent_shape, noise, s_spec)
         lam_v = _per_sample("lam", cfgs.resolved_lam if lam is None else lam, B, check_lam)
         cfg_v = _per_sample("cfg", cfgs.cfg if cfg is None else cfg, B, check_cfg)
+        halves = self.teacher_halves
+        embedded = halves == 1
         cond_t = None
-        if G > 0:
+        if G > 0 and embedded:
+            tc = teacher_cond if teacher_cond is not None else cond
+            if uncond is not None or teacher_uncond is not None:
+                raise InputError("this sampler's teacher uses embedded guidance (teacher_guidance='embedded': w "
+                                 "is its input, one batch-B forward, no unconditional half), so uncond / "
+                                 "teacher_uncond would be ignored; pass neither (set w with cfg=...), or use "
+                                 "teacher_guidance='cfg'")
+            if not isinstance(tc, Cond):
+                raise InputError("teacher_cond must be a distpp.Cond object")
+            check_cond("teacher", t_spec, tc, B)
+            if tc.guidance is not None:
+                raise InputError("the teacher cond already has a guidance field; with teacher_guidance='embedded' "
+                                 "the sampler fills it from the call's cfg: pass cfg=... (one value or one per "
+                                 "sample) instead of Cond(guidance=...)")
+            cond_t = tc
+        elif G > 0:
             tc = teacher_cond if teacher_cond is not None else cond
             tu = teacher_uncond if teacher_uncond is not None else uncond
             if tu is None:
                 raise InputError("guided steps run the teacher with CFG: pass uncond=Cond(...) (the negative-"
-                                 "prompt conditioning, 1 or B rows), or set guided_steps=0")
+                                 "prompt conditioning, 1 or B rows), set guided_steps=0, or, for a guidance-"
+                                 "distilled teacher, SamplerConfig(teacher_guidance='embedded')")
             if not isinstance(tu, Cond) or not isinstance(tc, Cond):
                 raise InputError("uncond / teacher_cond must be distpp.Cond objects")
             check_cond("teacher", t_spec, tc, B)
@@ -308,21 +337,26 @@ class Sampler:
         else:
             gcoef = self._grows[cfgs.teacher_rule][:G, None, :].expand(G, B, NUM_GCOLS).contiguous()
             t_teacher = self._gtimes[cfgs.teacher_rule][:G, None].expand(G, B)
-        t_teacher = torch.cat([t_teacher, t_teacher], dim=1).contiguous()
+        t_teacher = torch.cat([t_teacher] * halves, dim=1).contiguous()
         t_student = sch.t_model[:, None].expand(N, B).contiguous()
-        t_in = torch.empty((2 * B,) + tuple(shape[1:]), dtype=self.teacher_dtype, device=dev) if G > 0 else None
+        t_rows = (halves * B,) + tuple(shape[1:])
+        t_in = torch.empty(t_rows, dtype=self.teacher_dtype, device=dev) if G > 0 else None
+        cfg_d = _to_device(cfg_v, dev)
         cond_s = self.student.prepare(cond.to(dev, self.dtype))
         if cond_t is not None:
-            cond_t = self.teacher.prepare(cond_t.to(dev, self.teacher_dtype))
+            cond_t = cond_t.to(dev, self.teacher_dtype)
+            if embedded:  # w from the plan's device-resident cfg (float32), before the teacher's prepare
+                cond_t = replace(cond_t, guidance=cfg_d)
+            cond_t = self.teacher.prepare(cond_t)
         if cfgs.check_finite:  # on the buffers the loop reads, i.e. after every cast and scaling
-            self._check_finite(x if noise is not None else None, x_in, cond_s, cond_t, B)
+            self._check_finite(x if noise is not None else None, x_in, cond_s, cond_t, B, halves)
         m_s = torch.empty(shape, **f32)
-        m_t = torch.empty((2 * B,) + tuple(shape[1:]), **f32) if G > 0 else None
+        m_t = torch.empty(t_rows, **f32) if G > 0 else None
         return Plan(x=x, x_in=x_in, z=z, n=n, t_in=t_in, gcoef=gcoef, t_student=t_student, t_teacher=t_teacher,
-                    lam=_to_device(lam_v, dev), cfg=_to_device(cfg_v, dev), cond_s=cond_s, cond_t=cond_t, guided_steps=G,
-                    m_s=m_s, m_t=m_t)
+                    lam=_to_device(lam_v, dev), cfg=cfg_d, cond_s=cond_s, cond_t=cond_t, guided_steps=G,
+                    m_s=m_s, m_t=m_t, teacher_halves=halves)
 
-    def _check_finite(self, x, x_in, cond_s: Cond, cond_t: Cond | None, B: int) -> None:
+    def _check_finite(self, x, x_in, cond_s: Cond, cond_t: Cond | None, B: int, halves: int = 2) -> None:
         """InputError naming the first buffer that holds NaN or inf (one host sync when all are finite).
         x: the given noise as float32 times init_noise_sigma, x_in: the student's input (None: drawn noise)."""
         checks = []
@@ -332,8 +366,10 @@ class Sampler:
                         f"= {sigma:.4g}", x),
                        ("noise contains NaN or inf after its scaling to the student's input", x_in)]
         rows = [("cond", cond_s, slice(None))]
-        if cond_t is not None:
+        if cond_t is not None and halves == 2:
             rows += [("uncond", cond_t, slice(0, B)), ("teacher cond", cond_t, slice(B, 2 * B))]
+        elif cond_t is not None:
+            rows += [("teacher cond", cond_t, slice(None))]
         checks += [(f"{who} {k} contains NaN or inf after the cast to the model dtype", v[r])
                    for who, c, r in rows for k, v in c.tensors().items()]
         ok = torch.stack([torch.isfinite(t).all() for _, t in checks])
@@ -387,8 +423,9 @@ class Sampler:
                              "32-bit offsets): pass a smaller latent_shape")
         N, G = self.schedule.steps, self.config.guided_steps
         # bytes per latent element of one sample: x, z [N], n [G], m_s (float32); x_in; with guidance
-        # m_t and t_in (2 rows each)
-        each = 4 * (2 + N + G) + _itemsize(self.dtype) + (2 * (4 + _itemsize(self.teacher_dtype)) if G else 0)
+        # m_t and t_in (2 rows each for a CFG teacher, 1 for an embedded-guidance one)
+        each = 4 * (2 + N + G) + _itemsize(self.dtype) + (self.teacher_halves * (4 + _itemsize(self.teacher_dtype))
+                                                          if G else 0)
         cap = device_memory_bytes(self.device)
         if cap is not None and B * per * each > cap:
             most = cap // (B * each)

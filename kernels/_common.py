@@ -70,3 +70,22 @@ def launch_block(per_sample: int) -> int:
 
 def triton_cdiv(a: int, b: int) -> int:
     return -(-int(a) // int(b))
+
+
+def teacher_halves(name: str, t: torch.Tensor, like: torch.Tensor, dtypes=FLOAT_DTYPES) -> int:
+    """The teacher form read from the rows of ``t`` (the teacher's input ``out`` or prediction ``m_t``)
+    against the B latents ``like``: 2 for the CFG pair ([uncond B; cond B], 2B rows), 1 for an
+    embedded-guidance teacher (B rows, guidance inside the teacher). InputError for any other shape,
+    else the checks of :func:`check_latent` at that row count."""
+    from distpp.errors import InputError
+
+    if not isinstance(t, torch.Tensor):
+        check_latent(name, t, like)  # raises: not a tensor
+    B = like.shape[0]
+    rows = t.shape[0] if t.dim() >= 1 else None
+    if rows not in (B, 2 * B):
+        raise InputError(f"{name} has shape {tuple(t.shape)}; expected "
+                         f"{(2 * B,) + tuple(like.shape[1:])} (a CFG teacher: uncond rows, then cond) or "
+                         f"{(B,) + tuple(like.shape[1:])} (an embedded-guidance teacher)")
+    check_latent(name, t, like, batch=rows, dtypes=dtypes)
+    return rows // B

@@ -1,9 +1,12 @@
 """guided_update: teacher CFG combine, teacher x0, the proximal step and the student's native update in
-one pass over the latent; also writes the next model input.
+one pass over the latent; also writes the next model input. The teacher form is read from ``m_t``'s
+rows (``teacher_halves``): 2B rows are a CFG teacher's [uncond; cond] pair, B rows an embedded-guidance
+teacher's prediction, whose guidance scale went into the teacher (``cfg`` is then not read).
 
     x0      = P_x[k] * x + P_m[k] * m_s ;  e = Q_x[k] * x + Q_m[k] * m_s
     x_s     = a_s * x0 + s_s * n                        (recomputed: cheaper than storing it)
-    m_T     = m_t[b] + cfg[b] * (m_t[B + b] - m_t[b])   (uncond half first)
+    m_T     = m_t[b] + cfg[b] * (m_t[B + b] - m_t[b])   (CFG, 2B rows: uncond half first)
+    m_T     = m_t[b]                                    (embedded guidance, B rows)
     x0_T    = tp_x * x_s + tp_m * m_T
     x0'     = x0 + lam[b] * (x0_T - x0)                 (= (1 - lam) x0 + lam x0_T)
     x_next  = A[k] * x0' + B[k] * e + C[k] * z
@@ -19,17 +22,19 @@ import torch
 from distpp.schedules import (COL_CIN_NEXT, COL_PM, COL_PX, COL_QM, COL_QX, GCOL_A, GCOL_S, GCOL_TPM,
                               GCOL_TPX, NUM_COLS, NUM_GCOLS)
 
-from ._common import bcast, check_gcoef, check_latent, check_step, check_table, launch_block, triton_cdiv
+from ._common import (bcast, check_gcoef, check_latent, check_step, check_table, launch_block, teacher_halves,
+                      triton_cdiv)
 from .plain_update import native_next
 
 
-def check_guided_update(x, m_s, n, m_t, z, coef, gcoef, lam, cfg, k, x_out, xin_out) -> None:
+def check_guided_update(x, m_s, n, m_t, z, coef, gcoef, lam, cfg, k, x_out, xin_out) -> int:
+    """Raise InputError for bad arguments; returns the teacher form (2: CFG pair, 1: embedded guidance)."""
     from distpp.errors import InputError
 
     check_latent("x", x, x, dtypes=(torch.float32,))
     check_latent("m_s", m_s, x)
     check_latent("n", n, x, dtypes=(torch.float32,))
-    check_latent("m_t", m_t, x, batch=2 * x.shape[0])
+    halves = teacher_halves("m_t", m_t, x)
     if z is not None:
         check_latent("z", z, x, dtypes=(torch.float32,))
     check_latent("x_out", x_out, x, dtypes=(torch.float32,))
@@ -44,6 +49,7 @@ def check_guided_update(x, m_s, n, m_t, z, coef, gcoef, lam, cfg, k, x_out, xin_
                 or not v.is_contiguous():
             raise InputError(f"{name} must be a contiguous float32 [{x.shape[0]}] tensor on {x.device}, "
                              f"got {tuple(v.shape)} {v.dtype} on {v.device}")
+    return halves
 
 
 def guided_update_ref(x: torch.Tensor, m_s: torch.Tensor, n: torch.Tensor, m_t: torch.Tensor,
@@ -52,7 +58,8 @@ def guided_update_ref(x: torch.Tensor, m_s: torch.Tensor, n: torch.Tensor, m_t: 
     """Pure-torch reference and CPU fallback.
 
     x: [B, ...] float32 state; m_s: [B, ...] student prediction; n: [B, ...] float32 guidance re-noise;
-    m_t: [2B, ...] teacher prediction (uncond half first); z: [B, ...] float32 fresh noise or None;
+    m_t: [2B, ...] CFG teacher prediction (uncond half first) or [B, ...] embedded-guidance teacher
+    prediction (used as is; cfg not read); z: [B, ...] float32 fresh noise or None;
     coef: [N, 8]; gcoef: [G, B, 4]; lam, cfg: [B] float32 device tensors; k: host int; x_out: [B, ...]
     float32 (may be ``x``); xin_out: next model input or None. Returns ``x_out``.
     """
@@ -62,8 +69,11 @@ def guided_update_ref(x: torch.Tensor, m_s: torch.Tensor, n: torch.Tensor, m_t: 
     x0 = c[COL_PX] * x + c[COL_PM] * m
     e = c[COL_QX] * x + c[COL_QM] * m
     xs = bcast(g[:, GCOL_A], nd) * x0 + bcast(g[:, GCOL_S], nd) * n
-    mu, mc = m_t[:B].float(), m_t[B:].float()
-    mT = mu + bcast(cfg, nd) * (mc - mu)
+    if m_t.shape[0] == 2 * B:
+        mu, mc = m_t[:B].float(), m_t[B:].float()
+        mT = mu + bcast(cfg, nd) * (mc - mu)
+    else:
+        mT = m_t.float()
     x0T = bcast(g[:, GCOL_TPX], nd) * xs + bcast(g[:, GCOL_TPM], nd) * mT
     x0 = x0 + bcast(lam, nd) * (x0T - x0)
     nxt = native_next(c, x0, e, z)
@@ -87,9 +97,10 @@ def _kernel():
     @triton.jit
     def _guided_update_kernel(x_ptr, m_ptr, n_ptr, mt_ptr, z_ptr, c_ptr, g_ptr, lam_ptr, cfg_ptr, xo_ptr, xin_ptr,
                               per_sample, half_numel, HAS_Z: tl.constexpr, HAS_XIN: tl.constexpr,
-                              BLOCK: tl.constexpr):
+                              CFG_PAIR: tl.constexpr, BLOCK: tl.constexpr):
         # Grid (blocks per sample, B). c_ptr: row k of coef (PX, PM, QX, QM, A, B, C, CIN_NEXT = 0..7);
-        # g_ptr: gcoef[k] [B, 4] (A_S, S_S, TPX, TPM); m_t rows: uncond b, cond B + b.
+        # g_ptr: gcoef[k] [B, 4] (A_S, S_S, TPX, TPM); m_t rows: uncond b, cond B + b when CFG_PAIR,
+        # else row b is the embedded-guidance teacher's prediction (cfg_ptr not read).
         b = tl.program_id(1).to(tl.int64)
         j = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
         mask = j < per_sample
@@ -98,11 +109,14 @@ def _kernel():
         m = tl.load(m_ptr + offs, mask=mask).to(tl.float32)
         n = tl.load(n_ptr + offs, mask=mask)
         mu = tl.load(mt_ptr + offs, mask=mask).to(tl.float32)
-        mc = tl.load(mt_ptr + half_numel + offs, mask=mask).to(tl.float32)
         x0 = tl.load(c_ptr + 0) * x + tl.load(c_ptr + 1) * m
         e = tl.load(c_ptr + 2) * x + tl.load(c_ptr + 3) * m
         xs = tl.load(g_ptr + 4 * b + 0) * x0 + tl.load(g_ptr + 4 * b + 1) * n
-        m_teacher = mu + tl.load(cfg_ptr + b) * (mc - mu)
+        if CFG_PAIR:
+            mc = tl.load(mt_ptr + half_numel + offs, mask=mask).to(tl.float32)
+            m_teacher = mu + tl.load(cfg_ptr + b) * (mc - mu)
+        else:
+            m_teacher = mu
         x0_teacher = tl.load(g_ptr + 4 * b + 2) * xs + tl.load(g_ptr + 4 * b + 3) * m_teacher
         x0 = x0 + tl.load(lam_ptr + b) * (x0_teacher - x0)
         nxt = tl.load(c_ptr + 4) * x0 + tl.load(c_ptr + 5) * e
@@ -119,12 +133,12 @@ def _kernel():
 def guided_update(x, m_s, n, m_t, z, coef, gcoef, lam, cfg, k, x_out, xin_out):
     """Triton launcher (CUDA tensors, or CPU under TRITON_INTERPRET=1); same contract as
     :func:`guided_update_ref`. One launch; lam and cfg are read on the device (no host sync)."""
-    check_guided_update(x, m_s, n, m_t, z, coef, gcoef, lam, cfg, k, x_out, xin_out)
+    halves = check_guided_update(x, m_s, n, m_t, z, coef, gcoef, lam, cfg, k, x_out, xin_out)
     B = x.shape[0]
     per = x.numel() // B
     block = launch_block(per)
     _kernel()[(triton_cdiv(per, block), B)](
         x, m_s, n, m_t, x if z is None else z, coef[k], gcoef[k], lam, cfg, x_out,
         x_out if xin_out is None else xin_out, per, x.numel(),
-        HAS_Z=z is not None, HAS_XIN=xin_out is not None, BLOCK=block)
+        HAS_Z=z is not None, HAS_XIN=xin_out is not None, CFG_PAIR=halves == 2, BLOCK=block)
     return x_out

@@ -1,9 +1,11 @@
 """student_update: on a guided step, the student's x0 re-noised to the teacher's level, written into
-both halves of the teacher's batch-2B input buffer.
+the teacher's input buffer: both halves of a CFG teacher's batch-2B input, or the B rows of an
+embedded-guidance teacher's (the form is read from ``out``'s rows, see ``teacher_halves``).
 
     x0         = P_x[k] * x + P_m[k] * m_s            (family x0, incl. LCM c_skip/c_out)
     x_s        = a_s[k, b] * x0 + s_s[k, b] * n       (VP variables: what a diffusers UNet takes)
-    out[b]     = out[B + b] = x_s                     (uncond half, cond half)
+    out[b]     = out[B + b] = x_s                     (CFG, 2B rows: uncond half, cond half)
+    out[b]     = x_s                                  (embedded guidance, B rows)
 """
 
 from __future__ import annotations
@@ -14,18 +16,21 @@ import torch
 
 from distpp.schedules import COL_PM, COL_PX, GCOL_A, GCOL_S, NUM_COLS, NUM_GCOLS
 
-from ._common import bcast, check_gcoef, check_latent, check_step, check_table, launch_block, triton_cdiv
+from ._common import (bcast, check_gcoef, check_latent, check_step, check_table, launch_block, teacher_halves,
+                      triton_cdiv)
 
 
-def check_student_update(x, m_s, n, coef, gcoef, k, out) -> None:
+def check_student_update(x, m_s, n, coef, gcoef, k, out) -> int:
+    """Raise InputError for bad arguments; returns the teacher form (2: CFG pair, 1: embedded guidance)."""
     check_latent("x", x, x, dtypes=(torch.float32,))
     check_latent("m_s", m_s, x)
     check_latent("n", n, x, dtypes=(torch.float32,))
-    check_latent("out", out, x, batch=2 * x.shape[0])
+    halves = teacher_halves("out", out, x)
     check_table("coef", coef, x, NUM_COLS)
     check_gcoef(gcoef, x, NUM_GCOLS)
     check_step(k, coef, "coef")
     check_step(k, gcoef, "gcoef")
+    return halves
 
 
 def student_update_ref(x: torch.Tensor, m_s: torch.Tensor, n: torch.Tensor, coef: torch.Tensor,
@@ -34,14 +39,16 @@ def student_update_ref(x: torch.Tensor, m_s: torch.Tensor, n: torch.Tensor, coef
 
     x: [B, ...] float32 state; m_s: [B, ...] student prediction (fp32/fp16/bf16); n: [B, ...] float32
     guidance re-noise of step k; coef: [N, 8] float32 schedule table; gcoef: [G, B, 4] float32 guidance
-    table; k: host int step index; out: [2B, ...] teacher input buffer (its own dtype). Returns ``out``.
+    table; k: host int step index; out: teacher input buffer (its own dtype), [2B, ...] for a CFG teacher
+    (both halves get x_s) or [B, ...] for an embedded-guidance teacher. Returns ``out``.
     """
     B = x.shape[0]
     c, g = coef[k], gcoef[k]
     x0 = c[COL_PX] * x + c[COL_PM] * m_s.float()
     xs = bcast(g[:, GCOL_A], x.dim()) * x0 + bcast(g[:, GCOL_S], x.dim()) * n
     out[:B].copy_(xs)
-    out[B:].copy_(xs)
+    if out.shape[0] == 2 * B:
+        out[B:].copy_(xs)
     return out
 
 
@@ -58,9 +65,10 @@ def _kernel():
 
     @triton.jit
     def _student_update_kernel(x_ptr, m_ptr, n_ptr, c_ptr, g_ptr, out_ptr, per_sample, half_numel,
-                               BLOCK: tl.constexpr):
+                               CFG_PAIR: tl.constexpr, BLOCK: tl.constexpr):
         # Grid (blocks per sample, B). c_ptr: row k of coef (PX, PM at columns 0, 1); g_ptr: gcoef[k]
-        # [B, 4] (A_S, S_S at columns 0, 1). out is [2B, ...]: the same x_s goes to rows b and B + b.
+        # [B, 4] (A_S, S_S at columns 0, 1). CFG_PAIR: out is [2B, ...] and the same x_s goes to rows b
+        # and B + b; else out is [B, ...] (embedded-guidance teacher).
         b = tl.program_id(1).to(tl.int64)
         j = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
         mask = j < per_sample
@@ -72,7 +80,8 @@ def _kernel():
         xs = (tl.load(g_ptr + 4 * b + 0) * x0 + tl.load(g_ptr + 4 * b + 1) * n).to(out_ptr.dtype.element_ty,
                                                                                fp_downcast_rounding="rtne")
         tl.store(out_ptr + offs, xs, mask=mask)
-        tl.store(out_ptr + half_numel + offs, xs, mask=mask)
+        if CFG_PAIR:
+            tl.store(out_ptr + half_numel + offs, xs, mask=mask)
 
     return _student_update_kernel
 
@@ -80,9 +89,10 @@ def _kernel():
 def student_update(x, m_s, n, coef, gcoef, k, out):
     """Triton launcher (CUDA tensors, or CPU under TRITON_INTERPRET=1); same contract as
     :func:`student_update_ref`. One launch; no host sync."""
-    check_student_update(x, m_s, n, coef, gcoef, k, out)
+    halves = check_student_update(x, m_s, n, coef, gcoef, k, out)
     B = x.shape[0]
     per = x.numel() // B
     block = launch_block(per)
-    _kernel()[(triton_cdiv(per, block), B)](x, m_s, n, coef[k], gcoef[k], out, per, x.numel(), BLOCK=block)
+    _kernel()[(triton_cdiv(per, block), B)](x, m_s, n, coef[k], gcoef[k], out, per, x.numel(),
+                                            CFG_PAIR=halves == 2, BLOCK=block)
     return out

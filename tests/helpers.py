@@ -47,16 +47,51 @@ class GaussianDenoiser(DenoiserBase):
         eps = (zd - a * x0) / s
         return x0, eps, a, s
 
-    def __call__(self, z, t, cond):
-        self.calls.append((z.shape[0], t.clone()))
+    def predict(self, z, t, cond) -> torch.Tensor:
+        """The exact prediction in float64."""
         x0, eps, a, s = self.posterior(z, t, cond)
         if self.pt == "epsilon":
-            out = eps
-        elif self.pt == "v_prediction":
-            out = a * eps - s * x0
-        else:
-            out = x0
-        return out.to(z.dtype)
+            return eps
+        if self.pt == "v_prediction":
+            return a * eps - s * x0
+        return x0
+
+    def __call__(self, z, t, cond):
+        self.calls.append((z.shape[0], t.clone()))
+        return self.predict(z, t, cond).to(z.dtype)
+
+
+class EmbeddedCFGDenoiser(DenoiserBase):
+    """A guidance-distilled stand-in (FLUX.1-dev style): one batch-b forward that computes, inside the model,
+    the CFG of the exact denoiser ``base`` between its fixed ``uncond`` and the given cond, with the scale
+    w = ``cond.guidance`` ([b], per sample). So it equals a CFG teacher over [uncond; cond] with scale w:
+    m = m_u + w (m_c - m_u), combined in float64 here (in float32 by guided_update for the CFG teacher).
+
+    The uncond rows are materialized on the model's device once per (batch, device) and kept, so the
+    forward makes no host-to-device copy (it can be captured in a CUDA graph).
+    """
+
+    def __init__(self, base: GaussianDenoiser, uncond: Cond):
+        self.base, self.uncond, self.spec = base, uncond, base.spec
+        self.calls = []  # (rows, t, guidance) per forward
+        self._unc = {}
+
+    def prepare(self, cond: Cond) -> Cond:
+        dev = cond.encoder_hidden_states.device
+        key = (cond.batch, str(dev))
+        if key not in self._unc:
+            self._unc[key] = self.uncond.expand(cond.batch).to(dev, cond.encoder_hidden_states.dtype)
+        return cond
+
+    def __call__(self, z, t, cond):
+        if cond.guidance is None or cond.guidance.shape != (z.shape[0],):
+            raise AssertionError(f"an embedded-guidance teacher needs cond.guidance [{z.shape[0]}], got "
+                                 f"{None if cond.guidance is None else tuple(cond.guidance.shape)}")
+        self.calls.append((z.shape[0], t.clone(), cond.guidance.clone()))
+        unc = self._unc[(z.shape[0], str(z.device))]
+        mu, mc = self.base.predict(z, t, unc), self.base.predict(z, t, cond)
+        w = cond.guidance.double().view(-1, *([1] * (z.dim() - 1)))
+        return (mu + w * (mc - mu)).to(z.dtype)
 
 
 def gaussian_conds(B, width=8, seed=0):

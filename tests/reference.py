@@ -3,6 +3,8 @@ schedule tables and fused ops it checks. Noise comes from a sampler Plan so both
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 
 from distpp.schedules import make_scheduler
@@ -18,9 +20,14 @@ def _x0_eps_vp(m, z, abar, pt):
 
 
 def reference_sample(family, student, teacher, *, steps=None, timesteps=None, pt="epsilon", tpt="epsilon",
-                     x_init, z, n, G, lam, w, rule, cond, cond_t, levels=None):
+                     x_init, z, n, G, lam, w, rule, cond, cond_t, levels=None, embedded=False):
     """x_init: [B, ...] initial noise already scaled by init_noise_sigma; z: [N, B, ...]; n: [G, B, ...];
-    lam, w: [B]; levels: [G, B] teacher levels for the random rule. Returns float64 final latents."""
+    lam, w: [B]; levels: [G, B] teacher levels for the random rule. Returns float64 final latents.
+
+    The teacher's guidance (ALGORITHM.md): CFG (default) runs the teacher on [x_s; x_s] with cond_t's
+    [uncond B; cond B] rows and combines m_u + w (m_c - m_u); ``embedded=True`` (a guidance-distilled
+    teacher, "Embedded guidance") runs it once on x_s with cond_t's B rows and guidance = w, and takes its
+    prediction as the guided one."""
     sched = make_scheduler(family, prediction_type=pt)
     if timesteps is not None:
         sched.set_timesteps(timesteps=list(timesteps))
@@ -74,9 +81,12 @@ def reference_sample(family, student, teacher, *, steps=None, timesteps=None, pt
                 a_s, s_s = abar_s.sqrt(), (1 - abar_s).sqrt()
                 xs = a_s * x0 + s_s * n[k].double()
                 st = s_lv.float()
-                mt = teacher(torch.cat([xs, xs]).float(), torch.cat([st, st]), cond_t).double()
-                mu, mc = mt[:B], mt[B:]
-                mT = mu + w * (mc - mu)
+                if embedded:
+                    mT = teacher(xs.float(), st, replace(cond_t, guidance=w.flatten().float())).double()
+                else:
+                    mt = teacher(torch.cat([xs, xs]).float(), torch.cat([st, st]), cond_t).double()
+                    mu, mc = mt[:B], mt[B:]
+                    mT = mu + w * (mc - mu)
                 x0T, _ = _x0_eps_vp(mT, xs, abar_s, tpt)
                 x0 = (1 - lam) * x0 + lam * x0T
             if family in ("lcm", "dmd2"):

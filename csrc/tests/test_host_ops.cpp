@@ -114,7 +114,7 @@ void test_ops(int64_t B, int64_t per, int dt, bool with_z) {
   Buf ms(c.ms, dt), mt(c.mt, dt);
   const float* R = c.row();
   // float64 truth from the (rounded) inputs.
-  std::vector<double> plain(N), guided(N), student(2 * N);
+  std::vector<double> plain(N), guided(N), student(2 * N), embedded(N);
   for (int64_t b = 0; b < B; ++b) {
     const float* g = c.grow(b);
     for (int64_t j = 0; j < per; ++j) {
@@ -129,6 +129,9 @@ void test_ops(int64_t B, int64_t per, int dt, bool with_z) {
       const double x0T = (double)g[2] * xs + (double)g[3] * mT;
       const double x0g = x0 + (double)c.lam[b] * (x0T - x0);
       guided[i] = R[4] * x0g + R[5] * e + R[6] * zz;
+      // embedded-guidance teacher (teacher_rows B): the first B rows of mt are its guided prediction
+      const double x0E = x0 + (double)c.lam[b] * ((double)g[2] * xs + (double)g[3] * mu - x0);
+      embedded[i] = R[4] * x0E + R[5] * e + R[6] * zz;
     }
   }
   const std::string what = "B=" + std::to_string(B) + " per=" + std::to_string(per) + " dtype=" + std::to_string(dt);
@@ -161,6 +164,26 @@ void test_ops(int64_t B, int64_t per, int dt, bool with_z) {
   for (size_t i = 0; i < N; ++i) { o[i] = go.at(i); oi[i] = gin.at(i); ri[i] = R[7] * guided[i]; }
   EXPECT(rel_err(o, guided) <= 2e-6, "guided x_out %s: %g", what.c_str(), rel_err(o, guided));
   EXPECT(rel_err(oi, ri) <= tol_of(dt), "guided xin_out %s: %g", what.c_str(), rel_err(oi, ri));
+
+  // Embedded-guidance form (teacher_rows = B): student_update writes B rows only (the rest stays NaN),
+  // guided_update takes m_T = m_t (B rows) and never reads cfg (NULL-free but NaN-filled here).
+  Buf eout = Buf::nan(2 * N, dt);
+  distpp_student_update_params se = sp;
+  se.out = eout.ptr(); se.teacher_rows = B;
+  EXPECT(distpp_student_update(&se, nullptr) == DISTPP_SUCCESS, "%s", distpp_last_error_message());
+  std::vector<double> eo(N), es(student.begin(), student.begin() + (std::ptrdiff_t)N);
+  for (size_t i = 0; i < N; ++i) eo[i] = eout.at(i);
+  EXPECT(rel_err(eo, es) <= tol_of(dt), "embedded student out %s: %g", what.c_str(), rel_err(eo, es));
+  EXPECT(std::isnan(eout.at(N)) && std::isnan(eout.at(2 * N - 1)), "embedded student wrote past B rows %s",
+         what.c_str());
+  std::vector<float> nan_cfg((size_t)B, NAN);
+  Buf eo_x = Buf::nan(N, DISTPP_FLOAT32), eo_in = Buf::nan(N, dt);
+  distpp_guided_update_params ge = gp;
+  ge.cfg = nan_cfg.data(); ge.x_out = eo_x.f.data(); ge.xin_out = eo_in.ptr(); ge.teacher_rows = B;
+  EXPECT(distpp_guided_update(&ge, nullptr) == DISTPP_SUCCESS, "%s", distpp_last_error_message());
+  for (size_t i = 0; i < N; ++i) { o[i] = eo_x.at(i); oi[i] = eo_in.at(i); ri[i] = R[7] * embedded[i]; }
+  EXPECT(rel_err(o, embedded) <= 2e-6, "embedded guided x_out %s: %g", what.c_str(), rel_err(o, embedded));
+  EXPECT(rel_err(oi, ri) <= tol_of(dt), "embedded guided xin_out %s: %g", what.c_str(), rel_err(oi, ri));
 }
 
 void expect_status(int got, int want, const char* needle, const char* what) {
@@ -229,8 +252,11 @@ void test_argument_checks() {
   expect_status(distpp_guided_update(&g, nullptr), DISTPP_ERROR_INVALID_DTYPE, "m_t has dtype 3", "bad m_t dtype");
   g = ggood; g.batch = 70000; g.numel = 70000;
   expect_status(distpp_guided_update(&g, nullptr), DISTPP_ERROR_INVALID_SIZE, "batch is 70000", "batch too large");
+  g = ggood; g.teacher_rows = 3;
+  expect_status(distpp_guided_update(&g, nullptr), DISTPP_ERROR_INVALID_SIZE, "teacher_rows is 3", "odd rows");
   g = ggood; g.teacher_rows = 2;
-  expect_status(distpp_guided_update(&g, nullptr), DISTPP_ERROR_INVALID_SIZE, "teacher_rows is 2", "reserved rows");
+  EXPECT(distpp_guided_update(&g, nullptr) == DISTPP_SUCCESS, "embedded-guidance rows: %s",
+         distpp_last_error_message());
   g = ggood; g.draws_noise = 1;
   expect_status(distpp_guided_update(&g, nullptr), DISTPP_ERROR_NULL_POINTER, "z is NULL but draws_noise is 1",
                 "noisy step without z");
@@ -247,8 +273,11 @@ void test_argument_checks() {
   expect_status(distpp_plain_update(&p, nullptr), DISTPP_ERROR_ABI_MISMATCH, "abi_version is 1", "old version");
   s = sgood; s.struct_size = 0;
   expect_status(distpp_student_update(&s, nullptr), DISTPP_ERROR_ABI_MISMATCH, "struct_size is 0", "zeroed header");
+  s = sgood; s.teacher_rows = 1;
+  expect_status(distpp_student_update(&s, nullptr), DISTPP_ERROR_INVALID_SIZE, "teacher_rows is 1", "student rows");
   s = sgood; s.teacher_rows = 2;
-  expect_status(distpp_student_update(&s, nullptr), DISTPP_ERROR_INVALID_SIZE, "teacher_rows is 2", "student rows");
+  EXPECT(distpp_student_update(&s, nullptr) == DISTPP_SUCCESS, "embedded-guidance student rows: %s",
+         distpp_last_error_message());
 
   EXPECT(distpp_abi_version() == DISTPP_ABI_VERSION, "abi version");
   EXPECT(distpp_is_cuda() == 0, "host library");

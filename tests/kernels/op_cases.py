@@ -24,7 +24,12 @@ def seed_of(*parts) -> int:
     return zlib.crc32(repr(parts).encode()) % 10000
 
 
-def make_case(shape, dtype, device="cpu", seed=0, steps=5, guided=3, with_z=True, with_xin=True):
+# Teacher forms of student_update's out / guided_update's m_t: rows per sample (CFG pair, embedded guidance).
+FORMS = {"cfg": 2, "embedded": 1}
+
+
+def make_case(shape, dtype, device="cpu", seed=0, steps=5, guided=3, with_z=True, with_xin=True, form="cfg"):
+    """Random op inputs; ``form`` "embedded" gives m_t B rows (an embedded-guidance teacher), "cfg" 2B."""
     g = torch.Generator().manual_seed(seed)
     B = shape[0]
 
@@ -35,7 +40,7 @@ def make_case(shape, dtype, device="cpu", seed=0, steps=5, guided=3, with_z=True
     gcoef = (torch.rand(guided, B, NUM_GCOLS, generator=g) * 1.5 + 0.1).to(device)
     return dict(
         x=randn(*shape), m_s=randn(*shape, dt=dtype), n=randn(*shape),
-        m_t=randn(2 * B, *shape[1:], dt=dtype), z=randn(*shape) if with_z else None,
+        m_t=randn(FORMS[form] * B, *shape[1:], dt=dtype), z=randn(*shape) if with_z else None,
         coef=coef, gcoef=gcoef,
         lam=(torch.rand(B, generator=g) * 0.5 + 0.05).to(device),
         cfg=(torch.rand(B, generator=g) * 7 + 1).to(device),
@@ -67,13 +72,15 @@ def truth_plain(c):
     return nxt, row[7] * nxt
 
 
-def truth_student(c):
-    """float64 [2B, ...] teacher input of student_update."""
+def truth_student(c, rows=None):
+    """float64 teacher input of student_update: [2B, ...] (CFG pair, both halves x_s), or [B, ...] when
+    ``rows`` is B (embedded guidance); default: the case's teacher form (m_t's rows)."""
     d = f64(c)
     row, g = d["coef"][d["k"]], d["gcoef"][d["k"]]
     x0 = row[0] * d["x"] + row[1] * d["m_s"]
     xs = _bc(g[:, 0], x0.dim()) * x0 + _bc(g[:, 1], x0.dim()) * d["n"]
-    return torch.cat([xs, xs])
+    rows = d["m_t"].shape[0] if rows is None else rows
+    return xs if rows == d["x"].shape[0] else torch.cat([xs, xs])
 
 
 def truth_guided(c):
@@ -83,8 +90,11 @@ def truth_guided(c):
     x0 = row[0] * d["x"] + row[1] * d["m_s"]
     e = row[2] * d["x"] + row[3] * d["m_s"]
     xs = _bc(g[:, 0], nd) * x0 + _bc(g[:, 1], nd) * d["n"]
-    mu, mc = d["m_t"][:B], d["m_t"][B:]
-    mT = mu + _bc(d["cfg"], nd) * (mc - mu)
+    if d["m_t"].shape[0] == B:  # embedded-guidance teacher: its prediction is already guided
+        mT = d["m_t"]
+    else:
+        mu, mc = d["m_t"][:B], d["m_t"][B:]
+        mT = mu + _bc(d["cfg"], nd) * (mc - mu)
     x0T = _bc(g[:, 2], nd) * xs + _bc(g[:, 3], nd) * mT
     x0g = (1 - _bc(d["lam"], nd)) * x0 + _bc(d["lam"], nd) * x0T
     nxt = row[4] * x0g + row[5] * e + (row[6] * d["z"] if d["z"] is not None else 0)

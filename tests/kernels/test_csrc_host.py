@@ -13,7 +13,8 @@ import torch
 from distpp import csrc_ops
 from distpp.errors import BackendUnavailableError, InputError
 from distpp.kernels import guided_update_ref, plain_update_ref, student_update_ref
-from op_cases import SHAPES, TOLS, check_against, make_case, poisoned, seed_of, truth_guided, truth_plain, truth_student
+from op_cases import (FORMS, SHAPES, TOLS, check_against, make_case, poisoned, seed_of, truth_guided, truth_plain,
+                      truth_student)
 
 CSRC = Path(__file__).resolve().parents[2] / "csrc"
 
@@ -32,16 +33,18 @@ def host_lib(tmp_path_factory):
     return lib
 
 
+@pytest.mark.parametrize("form", list(FORMS))
 @pytest.mark.parametrize("dtype", list(TOLS))
 @pytest.mark.parametrize("shape", SHAPES)
-def test_host_ops_match_reference_and_float64(host_lib, dtype, shape):
-    c = make_case(shape, dtype, "cpu", seed=seed_of(shape, dtype, "csrc"), with_z=shape[0] != 3)
+def test_host_ops_match_reference_and_float64(host_lib, dtype, shape, form):
+    """Both teacher forms (teacher_rows 2B: CFG pair; B: embedded guidance) through the C ABI."""
+    c = make_case(shape, dtype, "cpu", seed=seed_of(shape, dtype, "csrc"), with_z=shape[0] != 3, form=form)
     x, B = c["x"], shape[0]
     outs = {}
     impls = {"lib": (host_lib.student_update, host_lib.plain_update, host_lib.guided_update),
              "ref": (student_update_ref, plain_update_ref, guided_update_ref)}
     for name, (su, pu, gu) in impls.items():
-        s_out = poisoned((2 * B,) + shape[1:], dtype, "cpu")
+        s_out = poisoned((FORMS[form] * B,) + shape[1:], dtype, "cpu")
         p_out, p_xin = poisoned(shape, torch.float32, "cpu"), poisoned(shape, dtype, "cpu")
         g_out, g_xin = poisoned(shape, torch.float32, "cpu"), poisoned(shape, dtype, "cpu")
         su(x, c["m_s"], c["n"], c["coef"], c["gcoef"], c["k"], s_out)
@@ -235,12 +238,15 @@ def test_params_struct_of_another_abi_is_refused(host_lib, op):
 
 
 @pytest.mark.parametrize("op", ["student_update", "guided_update"])
-def test_teacher_rows_other_than_the_cfg_pair_are_refused(host_lib, op):
+def test_teacher_rows_other_than_the_two_forms_are_refused(host_lib, op):
+    """teacher_rows: 2B (CFG, the binding's default) and B (embedded guidance) run; anything else is refused."""
     c = make_case((2, 4, 8, 8), torch.float32, "cpu")
     out = torch.empty((4, 4, 8, 8))
     assert _MAKERS[op](c, out).teacher_rows == 4
-    with pytest.raises(InputError, match="INVALID_SIZE.*teacher_rows is 2"):
-        host_lib.call(op, _MAKERS[op](c, out, teacher_rows=2))
+    host_lib.call(op, _MAKERS[op](c, out, teacher_rows=2))
+    for rows in (3, 1):
+        with pytest.raises(InputError, match=f"INVALID_SIZE.*teacher_rows is {rows}.*embedded-guidance"):
+            host_lib.call(op, _MAKERS[op](c, out, teacher_rows=rows))
 
 
 def test_ci_runs_the_sanitized_host_tests():

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from distpp.kernels import guided_update, plain_update, student_update
-from op_cases import TOLS, check_against, make_case, poisoned, seed_of, truth_guided, truth_plain, truth_student
+from op_cases import FORMS, TOLS, check_against, make_case, poisoned, seed_of, truth_guided, truth_plain, truth_student
 
 pytestmark = pytest.mark.cuda
 
@@ -21,18 +21,20 @@ def _impls():
     return impls
 
 
+@pytest.mark.parametrize("form", list(FORMS))
 @pytest.mark.parametrize("impl", ["triton", "cuda"])
 @pytest.mark.parametrize("dtype", list(TOLS))
 @pytest.mark.parametrize("shape", SHAPES)
-def test_gpu_ops_match_reference(impl, dtype, shape):
+def test_gpu_ops_match_reference(impl, dtype, shape, form):
+    """Both teacher forms: CFG (m_t / out 2B rows) and embedded guidance (B rows)."""
     su, gu, pu = _impls()[impl]
-    c = make_case(shape, dtype, "cuda", seed=seed_of(shape, dtype))
+    c = make_case(shape, dtype, "cuda", seed=seed_of(shape, dtype), form=form)
     x, B = c["x"], shape[0]
     res = {}
     for name, (s_fn, g_fn, p_fn) in (("k", (su, gu, pu)), ("r", (student_update.student_update_ref,
                                                                    guided_update.guided_update_ref,
                                                                    plain_update.plain_update_ref))):
-        s_out = poisoned((2 * B,) + shape[1:], dtype, "cuda")
+        s_out = poisoned((FORMS[form] * B,) + shape[1:], dtype, "cuda")
         g_out, g_xin = poisoned(shape, torch.float32, "cuda"), poisoned(shape, dtype, "cuda")
         p_out, p_xin = poisoned(shape, torch.float32, "cuda"), poisoned(shape, dtype, "cuda")
         s_fn(x, c["m_s"], c["n"], c["coef"], c["gcoef"], c["k"], s_out)
