@@ -18,8 +18,8 @@ TEACHER_RULES = ("next", "same", "random")
 class SamplerConfig:
     """Settings of a guided sampler (defaults from ALGORITHM.md).
 
-    family:          student family: lcm, dmd2, euler (SDXL-Lightning), euler_a (SDXL-Turbo), ddim
-                     (see distpp.families).
+    family:          student family: lcm, dmd2, euler (SDXL-Lightning), euler_a (SDXL-Turbo), ddim, tcd
+                     (TCD / Hyper-SD; option gamma, default 0.3) (see distpp.families).
     steps:           student steps N (default 4; or len(timesteps)).
     timesteps:       explicit student timesteps (lcm, dmd2, euler), e.g. (399,) for DMD2 1-step.
     guided_steps:    G, teacher-guided steps at the start, 0..N (default 1; 0 = plain student).

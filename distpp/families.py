@@ -369,7 +369,41 @@ class EulerAncestral(Euler):
         return Step(A=np.ones(N), B=down, C=up, draws=(True,) * N)
 
 
-_REGISTRY: dict[str, Family] = {f.name: f for f in (LCM(), DMD2(), Euler(), EulerAncestral(), DDIM())}
+def _unit_interval(name: str, v) -> float:
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not (0.0 <= float(v) <= 1.0):
+        raise ConfigError(f"family option {name} must be a number in [0, 1], got {v!r}")
+    return float(v)
+
+
+class TCD(_VPFamily):
+    """TCD / Hyper-SD (TCDScheduler): steps x0 to u = floor((1 - gamma) t_prev), then re-noises it to t_prev
+    with fresh noise (t_prev = 0 at the last step, which draws none; gamma = 0 draws none at all)."""
+
+    name = "tcd"
+    scheduler_class = "TCDScheduler"
+    defaults = dict(SD_SCHEDULE, original_inference_steps=50, clip_sample=False)
+    # Not in the paper; consistency-distilled like LCM, so LCM's 0.01 (unmeasured for TCD).
+    default_lam = 0.01
+    explicit_timesteps = True  # Hyper-SD's 1-step checkpoints run at a chosen timestep, e.g. [800]
+    options = {"gamma": Option(0.3, "TCDScheduler.step's eta ('gamma') in [0, 1]; 0.3 as TCD's pipelines use",
+                               _unit_interval)}
+
+    def next_step(self, sched, lv, options) -> Step:
+        gamma = options["gamma"]
+        t_int = np.rint(lv.t).astype(np.int64)
+        N = len(t_int)
+        prev = np.append(t_int[1:], 0)
+        # floor((1 - gamma) * t_prev) in float32, as TCDScheduler.step computes it on its long timesteps
+        u = torch.floor((1 - gamma) * torch.from_numpy(prev)).long().numpy()
+        acp = sched.alphas_cumprod.double().numpy()
+        renoise = np.array([gamma > 0 and k != N - 1 for k in range(N)])
+        ratio = np.where(renoise, acp[prev] / acp[u], 1.0)
+        r = np.sqrt(ratio)
+        return Step(A=r * np.sqrt(acp[u]), B=r * np.sqrt(1.0 - acp[u]), C=np.sqrt(1.0 - ratio),
+                    draws=tuple(bool(v) for v in renoise))
+
+
+_REGISTRY: dict[str, Family] = {f.name: f for f in (LCM(), DMD2(), Euler(), EulerAncestral(), DDIM(), TCD())}
 FAMILIES = tuple(_REGISTRY)
 # ALGORITHM.md defaults per family (see each family's default_lam).
 DEFAULT_LAM = {name: fam.default_lam for name, fam in _REGISTRY.items()}
