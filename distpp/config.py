@@ -19,7 +19,8 @@ class SamplerConfig:
     """Settings of a guided sampler (defaults from ALGORITHM.md).
 
     family:          student family: lcm, dmd2, euler (SDXL-Lightning), euler_a (SDXL-Turbo), ddim, tcd
-                     (TCD / Hyper-SD; option gamma, default 0.3) (see distpp.families).
+                     (TCD / Hyper-SD; option gamma, default 0.3), flow (SD3.5 / FLUX rectified flow,
+                     prediction type flow) (see distpp.families).
     steps:           student steps N (default 4; or len(timesteps)).
     timesteps:       explicit student timesteps (lcm, dmd2, euler), e.g. (399,) for DMD2 1-step.
     guided_steps:    G, teacher-guided steps at the start, 0..N (default 1; 0 = plain student).
@@ -27,10 +28,15 @@ class SamplerConfig:
     cfg:             teacher CFG scale w >= 0 (default 7.5).
     teacher_rule:    teacher timestep: "next" (the level the student's update moves to; default),
                      "same" (the student's t) or "random" (uniform integer in [next, t]).
-    prediction_type: the student's: epsilon, v_prediction or sample; None = the family's first (epsilon).
+    prediction_type: the student's: epsilon, v_prediction or sample (flow family: flow); None = the
+                     family's default (epsilon; flow for the flow family).
     teacher_prediction_type: the teacher's (None likewise).
     scheduler_config: a diffusers scheduler config overriding the family defaults.
-    family_options:  the family's own options (see docs/ARCHITECTURE.md "Families"), checked here.
+    family_options:  the family's own options, checked here (docs/ARCHITECTURE.md "Families"). tcd: gamma.
+                     flow: shift (SD3.5: 3), use_dynamic_shifting with mu or image_seq_len (FLUX.1-dev),
+                     sigmas ("scheduler" as StableDiffusion3Pipeline, "linspace" as FluxPipeline),
+                     stochastic_sampling, timestep_scale (the model's timestep is sigma * timestep_scale:
+                     1000 for SD3 (default), 1 for FLUX).
     kernel_impl:     fused ops: auto (triton on CUDA, torch on CPU), torch, triton or cuda.
     check_finite:    check inputs for NaN/inf before sampling (one host sync per call; default off).
     """

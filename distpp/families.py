@@ -10,6 +10,7 @@ file and its tests. All arrays here are float64 numpy over the N steps of one se
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any, Mapping
 
@@ -123,6 +124,7 @@ class Family:
     default_lam: float = 0.01
     prediction_types: tuple[str, ...] = VP_PREDICTION_TYPES
     explicit_timesteps: bool = False  # whether SamplerConfig.timesteps is accepted
+    scheduler_has_prediction_type: bool = True  # a prediction_type entry in the scheduler config
     options: Mapping[str, Option] = {}
 
     # --- configuration ------------------------------------------------------------------------------
@@ -176,7 +178,9 @@ class Family:
         options = self.resolve_options(options, scheduler_config) if options is None else options
         cfg = self.scheduler_settings(scheduler_config, options)
         if prediction_type is not None:
-            cfg["prediction_type"] = self.check_prediction_type(prediction_type)
+            pt = self.check_prediction_type(prediction_type)
+            if self.scheduler_has_prediction_type:
+                cfg["prediction_type"] = pt
         self.check_scheduler_settings(cfg)
         return getattr(diffusers, self.scheduler_class).from_config(cfg)
 
@@ -323,6 +327,15 @@ class DDIM(_VPFamily):
         return Step(A=np.sqrt(abar_prev), B=np.sqrt(1.0 - abar_prev), C=np.zeros(N), draws=(False,) * N)
 
 
+def _sigma_levels(sched):
+    """(timesteps, sigma_k, sigma at next_level(k)) of a sigma-based scheduler, float64 [N] each: next_level
+    is the next listed sigma, the last step's its own."""
+    ts = sched.timesteps.double().numpy()
+    N = len(ts)
+    sig = sched.sigmas.double().numpy()  # [N + 1], the last is 0
+    return ts, sig[:N], np.append(sig[1:N], sig[N - 1])
+
+
 class Euler(Family):
     """SDXL-Lightning: Euler (VE variables x = x0 + k e; the model sees x / sqrt(k^2 + 1)), trailing."""
 
@@ -333,11 +346,7 @@ class Euler(Family):
     explicit_timesteps = True
 
     def levels(self, sched, options) -> Levels:
-        ts = sched.timesteps.double().numpy()
-        N = len(ts)
-        sig = sched.sigmas.double().numpy()  # [N + 1], the last is 0
-        sigma = sig[:N]
-        sigma_n = np.append(sig[1:N], sigma[-1])  # next_level: the next sigma; the last step: its own
+        ts, sigma, sigma_n = _sigma_levels(sched)
         a, a_n = 1.0 / np.sqrt(sigma**2 + 1.0), 1.0 / np.sqrt(sigma_n**2 + 1.0)
         t_next = np.append(ts[1:], ts[-1])
         return Levels(t=ts, t_model=ts, a=a, s=sigma * a, c_in=a, a_next=a_n, s_next=sigma_n * a_n, t_next=t_next,
@@ -403,7 +412,141 @@ class TCD(_VPFamily):
                     draws=tuple(bool(v) for v in renoise))
 
 
-_REGISTRY: dict[str, Family] = {f.name: f for f in (LCM(), DMD2(), Euler(), EulerAncestral(), DDIM(), TCD())}
+def _flag(name: str, v) -> bool:
+    if not isinstance(v, bool):
+        raise ConfigError(f"family option {name} must be True or False, got {v!r}")
+    return v
+
+
+def _positive(name: str, v) -> float:
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
+        raise ConfigError(f"family option {name} must be a finite number > 0, got {v!r}")
+    return float(v)
+
+
+def _finite(name: str, v) -> float:
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+        raise ConfigError(f"family option {name} must be a finite number, got {v!r}")
+    return float(v)
+
+
+def _seq_len(name: str, v) -> int:
+    if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+        raise ConfigError(f"family option {name} must be an int >= 1 (latent tokens: (H/2) * (W/2) for FLUX's "
+                          f"2x2 packing), got {v!r}")
+    return v
+
+
+def _sigma_spacing(name: str, v) -> str:
+    if v not in ("scheduler", "linspace"):
+        raise ConfigError(f"family option {name} must be 'scheduler' (the scheduler's own spacing, as "
+                          f"StableDiffusion3Pipeline) or 'linspace' (linspace(1, 1/N, N), as FluxPipeline), got {v!r}")
+    return v
+
+
+def calculate_shift(image_seq_len: int, base_seq_len: int = 256, max_seq_len: int = 4096, base_shift: float = 0.5,
+                    max_shift: float = 1.15) -> float:
+    """FLUX's resolution-dependent shift mu: linear in the image sequence length, base_shift at base_seq_len
+    and max_shift at max_seq_len (the line FluxPipeline evaluates, in the same order of operations)."""
+    slope = (max_shift - base_shift) / (max_seq_len - base_seq_len)
+    return image_seq_len * slope + (base_shift - slope * base_seq_len)
+
+
+class Flow(Family):
+    """Rectified-flow students (SD3.5, FLUX): FlowMatchEulerDiscreteScheduler, x = (1 - sig) x0 + sig e, the
+    model predicts v = e - x0. a = 1 - sig, s = sig (continuous; sig = 1 is a real first level, a = 0)."""
+
+    name = "flow"
+    scheduler_class = "FlowMatchEulerDiscreteScheduler"
+    defaults = dict(num_train_timesteps=1000, shift=3.0)  # SD3.5's scheduler config
+    # Not published for flow students: ALGORITHM.md says start from Lightning/Turbo's 0.05-0.1; Turbo's 0.05
+    # (SD3.5-Large-Turbo is adversarially distilled like SDXL-Turbo). Unmeasured.
+    default_lam = 0.05
+    prediction_types = ("flow",)
+    scheduler_has_prediction_type = False  # FlowMatchEulerDiscreteScheduler knows only velocities
+    options = {
+        "shift": Option(None, "the scheduler's sigma shift (None: the scheduler config's; default 3.0, SD3.5's)",
+                        _positive),
+        "use_dynamic_shifting": Option(None, "resolution-dependent shift (FLUX.1-dev); needs mu or image_seq_len",
+                                       _flag),
+        "mu": Option(None, "the dynamic shift's mu, as passed to set_timesteps", _finite),
+        "image_seq_len": Option(None, "latent tokens; mu computed from it as FluxPipeline does", _seq_len),
+        "sigmas": Option("scheduler", "'scheduler' (StableDiffusion3Pipeline) or 'linspace' (FluxPipeline)",
+                         _sigma_spacing),
+        "stochastic_sampling": Option(None, "re-noise x0 to sig_next with fresh noise at every step", _flag),
+        "timestep_scale": Option(1000.0, "the model's timestep input is sig * timestep_scale: 1000 as "
+                                 "StableDiffusion3Pipeline passes it, 1 as FluxPipeline", _positive),
+    }
+    _SCHEDULER_KEYS = ("shift", "use_dynamic_shifting", "stochastic_sampling")
+
+    def scheduler_settings(self, scheduler_config, options):
+        cfg = super().scheduler_settings(scheduler_config, options)
+        cfg.update({k: options[k] for k in self._SCHEDULER_KEYS if options.get(k) is not None})
+        return cfg
+
+    def check_combination(self, options, settings):
+        dynamic = bool(settings.get("use_dynamic_shifting", False))
+        given = [k for k in ("mu", "image_seq_len") if options[k] is not None]
+        if dynamic and len(given) != 1:
+            raise ConfigError("use_dynamic_shifting=True needs exactly one of family_options mu=... or "
+                              f"image_seq_len=... (FLUX at 1024x1024: image_seq_len=4096), got {given or 'neither'}")
+        if not dynamic and given:
+            raise ConfigError(f"family option {given[0]} only applies with use_dynamic_shifting=True; set it or "
+                              f"drop {given[0]}")
+        if settings.get("invert_sigmas"):
+            raise ConfigError("invert_sigmas=True (Mochi's schedule) is not supported by the flow family; set it False")
+
+    def set_timesteps(self, sched, steps, timesteps, options):
+        if timesteps is not None:
+            raise ConfigError("family 'flow' does not take explicit timesteps; pass steps (and family_options "
+                              "sigmas='scheduler' or 'linspace') instead")
+        kw = {}
+        if options["mu"] is not None:
+            kw["mu"] = options["mu"]
+        elif options["image_seq_len"] is not None:
+            c = sched.config
+            kw["mu"] = calculate_shift(options["image_seq_len"], c.get("base_image_seq_len", 256),
+                                       c.get("max_image_seq_len", 4096), c.get("base_shift", 0.5),
+                                       c.get("max_shift", 1.15))
+        if options["sigmas"] == "linspace":
+            self._call(lambda: sched.set_timesteps(sigmas=np.linspace(1.0, 1 / steps, steps), **kw))
+        else:
+            self._call(lambda: sched.set_timesteps(steps, **kw))
+
+    def levels(self, sched, options) -> Levels:
+        ts, sigma, sigma_n = _sigma_levels(sched)
+        N = len(ts)
+        # The model's timestep in float32, as the pipelines compute it: SD3 passes t, FLUX t / 1000.
+        per_unit = float(sched.config.num_train_timesteps) / options["timestep_scale"]
+        t_model = (sched.timesteps.float() / per_unit).double().numpy()
+        return Levels(t=ts, t_model=t_model, a=1.0 - sigma, s=sigma, c_in=np.ones(N), a_next=1.0 - sigma_n,
+                      s_next=sigma_n, t_next=np.append(t_model[1:], t_model[-1]),
+                      bounds=tuple((float(lo), float(hi)) for lo, hi in zip(sigma_n, sigma)))
+
+    def next_step(self, sched, lv, options) -> Step:
+        N = len(lv.t)
+        sig_next = sched.sigmas.double().numpy()[1:N + 1]
+        if sched.config.stochastic_sampling:  # x_next = (1 - sig_next) x0 + sig_next z, z drawn every step
+            return Step(A=1.0 - sig_next, B=np.zeros(N), C=sig_next, draws=(True,) * N)
+        return Step(A=1.0 - sig_next, B=sig_next, C=np.zeros(N), draws=(False,) * N)
+
+    def init_noise_sigma(self, sched) -> float:
+        return 1.0  # the SD3 / FLUX pipelines use unit-variance latents
+
+    def timestep_scale(self, options) -> float:
+        return options["timestep_scale"]
+
+    def draw_level(self, lo, hi, generator):
+        """A real sigma uniformly in [lo, hi] = [sig_next, sig_k] (float64) from the guidance generator."""
+        u = torch.rand((1,), generator=generator, device=generator.device, dtype=torch.float64)[0]
+        return lo + (hi - lo) * u
+
+    def level_rows(self, levels, schedule):
+        sig = levels.double()
+        return 1.0 - sig, sig, sig * schedule.timestep_scale
+
+
+_REGISTRY: dict[str, Family] = {f.name: f for f in (LCM(), DMD2(), Euler(), EulerAncestral(), DDIM(), TCD(), Flow())}
 FAMILIES = tuple(_REGISTRY)
 # ALGORITHM.md defaults per family (see each family's default_lam).
 DEFAULT_LAM = {name: fam.default_lam for name, fam in _REGISTRY.items()}

@@ -97,3 +97,42 @@ def reference_sample(family, student, teacher, *, steps=None, timesteps=None, pt
                 down = (st_**2 - up**2).sqrt()
                 x = x0 + down * e + up * z[k].double()
     return x
+
+
+def reference_flow_sample(student, teacher, *, sigmas, t_model, timestep_scale, stochastic=False, x_init, z, n, G,
+                          lam, w, rule, cond, cond_t, levels=None):
+    """ALGORITHM.md's "Flow-matching students" in float64, written from the spec.
+
+    sigmas: [N + 1] the scheduler's sigmas (last 0); t_model: [N] the student's timestep input per step (as
+    the pipeline passes it); timestep_scale: the model's timestep = sigma * timestep_scale (random levels);
+    x_init: [B, ...] initial noise; z: [N, B, ...] fresh noise (stochastic sampling); n: [G, B, ...];
+    lam, w: [B]; levels: [G, B] teacher sigmas for the random rule. Returns float64 final latents."""
+    sig = [float(v) for v in sigmas]
+    N = len(sig) - 1
+    x = x_init.double().clone()
+    B = x.shape[0]
+    view = (B,) + (1,) * (x.dim() - 1)
+    lam, w = lam.double().view(view), w.double().view(view)
+    with torch.inference_mode():
+        for k in range(N):
+            s_k, s_n = sig[k], sig[k + 1]
+            v = student(x.float(), torch.full((B,), float(t_model[k])), cond).double()
+            x0, e = x - s_k * v, x + (1 - s_k) * v  # x = (1 - s) x0 + s e, v = e - x0
+            if k < G:
+                if rule == "random":
+                    s_s = levels[k].double().view(view)
+                    ts = (levels[k].double() * timestep_scale).float()
+                else:
+                    nxt = k + 1 if (rule == "next" and k + 1 < N) else k
+                    s_s = torch.full(view, sig[nxt], dtype=torch.float64)
+                    ts = torch.full((B,), float(t_model[nxt]))
+                xs = (1 - s_s) * x0 + s_s * n[k].double()
+                vt = teacher(torch.cat([xs, xs]).float(), torch.cat([ts, ts]), cond_t).double()
+                vT = vt[:B] + w * (vt[B:] - vt[:B])
+                x0T = xs - s_s * vT
+                x0 = (1 - lam) * x0 + lam * x0T
+            if stochastic:
+                x = (1 - s_n) * x0 + s_n * z[k].double()
+            else:
+                x = (1 - s_n) * x0 + s_n * e
+    return x

@@ -12,7 +12,8 @@ from distpp import Sampler, SamplerConfig
 from distpp.errors import ConfigError
 from distpp.families import FAMILIES
 from distpp.schedules import build_schedule
-from helpers import GaussianDenoiser, assert_close, gaussian_conds
+from helpers import (FLOW_SHAPE, FLUX_CONFIG, FlowGaussianDenoiser, GaussianDenoiser, assert_close, flow_config,
+                     flow_scheduler, gaussian_conds)
 
 SHAPE = (4, 6, 5)
 SD_BETAS = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
@@ -24,19 +25,25 @@ def test_build_schedule_has_no_family_branches():
 
 
 # --- tcd ------------------------------------------------------------------------------------------
+def scheduler_loop(sched, call, shape, seeds, **step_kw):
+    """A diffusers scheduler stepped one call at a time (as the pipelines do), per-sample generators;
+    call(latents, t) -> the model's prediction."""
+    gens = [torch.Generator().manual_seed(s) for s in seeds]
+    latents = randn_tensor(shape, generator=gens, dtype=torch.float32) * getattr(sched, "init_noise_sigma", 1.0)
+    for t in sched.timesteps:
+        latents = sched.step(call(latents, t), t, latents, generator=gens, **step_kw).prev_sample
+    return latents
+
+
 def tcd_loop(model, pt, steps, timesteps, gamma, cond, shape, seeds):
-    """TCD's loop as its pipelines run it: TCDScheduler stepped with eta=gamma and per-sample generators."""
+    """TCD's loop as its pipelines run it: TCDScheduler stepped with eta=gamma."""
     sched = TCDScheduler(**SD_BETAS, prediction_type=pt)
     if timesteps is not None:
         sched.set_timesteps(timesteps=list(timesteps))
     else:
         sched.set_timesteps(steps)
-    gens = [torch.Generator().manual_seed(s) for s in seeds]
-    latents = randn_tensor(shape, generator=gens, dtype=torch.float32) * sched.init_noise_sigma
-    for t in sched.timesteps:
-        m = model(latents, t.float().expand(shape[0]), cond)
-        latents = sched.step(m, t, latents, eta=gamma, generator=gens).prev_sample
-    return latents, sched
+    out = scheduler_loop(sched, lambda x, t: model(x, t.float().expand(shape[0]), cond), shape, seeds, eta=gamma)
+    return out, sched
 
 
 @pytest.mark.parametrize("pt,steps,timesteps,gamma,B", [
@@ -90,3 +97,71 @@ def test_tcd_options_checked_in_config(opts, match):
 def test_options_of_other_families_refused():
     with pytest.raises(ConfigError, match="family 'lcm' has no option 'gamma'; its options: none"):
         SamplerConfig(family="lcm", family_options={"gamma": 0.3})
+
+
+# --- flow -----------------------------------------------------------------------------------------
+def flow_diffusers_loop(style, model, steps, stochastic, mu, cond, shape, seeds):
+    """StableDiffusion3Pipeline's / FluxPipeline's denoising loop (see helpers.flow_scheduler)."""
+    sched, timestep = flow_scheduler(style, steps, stochastic, mu)
+    return scheduler_loop(sched, lambda x, t: model(x, timestep(t, x), cond), shape, seeds)
+
+
+@pytest.mark.parametrize("style,steps,B,stochastic,mu", [
+    ("sd3", 1, 1, False, None),
+    ("sd3", 4, 3, False, None),
+    ("sd3", 8, 1, True, None),
+    ("sd3", 2, 3, True, None),
+    ("flux", 1, 3, False, None),
+    ("flux", 4, 1, False, None),
+    ("flux", 8, 3, False, None),
+    ("flux", 4, 3, True, None),
+    ("flux", 2, 1, False, 1.15),  # mu given directly (FLUX at 1024x1024)
+])
+def test_flow_unguided_matches_diffusers_step_for_step(style, steps, B, stochastic, mu):
+    model = FlowGaussianDenoiser(timestep_scale=1000.0 if style == "sd3" else 1.0, mu=0.2, sigma=0.8, shift=0.7)
+    cond, _ = gaussian_conds(B)
+    seeds = [21, 4, 8][:B]
+    cfg = flow_config(style, steps, stochastic, mu, guided_steps=0, kernel_impl="torch")
+    ours = Sampler(model, None, cfg).sample(cond, latent_shape=FLOW_SHAPE, seeds=seeds)
+    ours_calls = list(model.calls)
+    model.calls.clear()
+    ref = flow_diffusers_loop(style, model, steps, stochastic, mu, cond, (B,) + FLOW_SHAPE, seeds)
+    assert len(ours_calls) == len(model.calls) == steps
+    for k, ((x_o, t_o), (x_r, t_r)) in enumerate(zip(ours_calls, model.calls)):
+        assert torch.equal(t_o, t_r), f"step {k}: timestep {t_o.tolist()} vs diffusers' {t_r.tolist()}"
+        assert_close(x_o, x_r, 1e-5, f"{style} step {k} model input")
+    assert_close(ours, ref, 1e-5, f"{style} final")
+
+
+@pytest.mark.parametrize("opts,sched_cfg,match", [
+    ({"shift": -1.0}, None, "shift must be a finite number > 0"),
+    ({"use_dynamic_shifting": True}, None, "needs exactly one of family_options mu=... or image_seq_len=..."),
+    ({"mu": 0.5, "image_seq_len": 64}, FLUX_CONFIG, "needs exactly one of"),
+    ({"mu": 0.5}, None, "mu only applies with use_dynamic_shifting=True"),
+    ({"image_seq_len": 0}, FLUX_CONFIG, "image_seq_len must be an int >= 1"),
+    ({"sigmas": "karras"}, None, "sigmas must be 'scheduler'"),
+    ({"stochastic_sampling": 1}, None, "stochastic_sampling must be True or False"),
+    ({"timestep_scale": 0}, None, "timestep_scale must be a finite number > 0"),
+    ({"gamma": 0.3}, None, "family 'flow' has no option 'gamma'"),
+    ({}, dict(invert_sigmas=True), "invert_sigmas"),
+])
+def test_flow_options_checked_in_config(opts, sched_cfg, match):
+    with pytest.raises(ConfigError, match=match):
+        SamplerConfig(family="flow", family_options=opts, scheduler_config=sched_cfg)
+
+
+@pytest.mark.parametrize("kw,match", [
+    (dict(prediction_type="epsilon"), "prediction_type 'epsilon' does not fit family 'flow'; pass one of flow"),
+    (dict(teacher_prediction_type="v_prediction"), "teacher_prediction_type 'v_prediction' does not fit"),
+    (dict(timesteps=(999, 500)), "does not take explicit timesteps"),
+])
+def test_flow_refusals(kw, match):
+    with pytest.raises(ConfigError, match=match):
+        Sampler(FlowGaussianDenoiser(), FlowGaussianDenoiser(), SamplerConfig(family="flow", **kw))
+
+
+def test_flow_defaults():
+    cfg = SamplerConfig(family="flow")
+    assert (cfg.prediction_type, cfg.teacher_prediction_type, cfg.resolved_lam) == ("flow", "flow", 0.05)
+    with pytest.raises(ConfigError, match="prediction_type 'flow' does not fit family 'lcm'"):
+        SamplerConfig(family="lcm", prediction_type="flow")
