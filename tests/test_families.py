@@ -165,3 +165,20 @@ def test_flow_defaults():
     assert (cfg.prediction_type, cfg.teacher_prediction_type, cfg.resolved_lam) == ("flow", "flow", 0.05)
     with pytest.raises(ConfigError, match="prediction_type 'flow' does not fit family 'lcm'"):
         SamplerConfig(family="lcm", prediction_type="flow")
+
+
+@pytest.mark.parametrize("style", ["sd3", "flux"])
+@pytest.mark.parametrize("steps", [1, 3, 17, 50])
+def test_flow_tables_are_the_rectified_flow_form(style, steps):
+    sch = Sampler(FlowGaussianDenoiser(), None, flow_config(style, steps, guided_steps=0)).schedule
+    sig, sig_next = sch.s.double(), torch.cat([sch.s_next.double()[:-1], torch.zeros(1, dtype=torch.float64)])
+    for name in ("coef", "a", "s", "a_next", "s_next", "t_model", "t_next"):
+        assert torch.isfinite(getattr(sch, name)).all(), name
+    torch.testing.assert_close(sch.a.double() + sig, torch.ones_like(sig), rtol=0, atol=1e-7)
+    assert float(sig[0]) == 1.0 and float(sch.a[0]) == 0.0  # sigma = 1 is the first level
+    c = sch.coef.double()
+    torch.testing.assert_close(c[:, 1], -sig, rtol=0, atol=1e-7)  # P_m = -sig
+    torch.testing.assert_close(c[:, 3], 1 - sig, rtol=0, atol=1e-7)  # Q_m = 1 - sig
+    torch.testing.assert_close(c[:, 5], sig_next, rtol=0, atol=1e-7)  # B = sig_next
+    assert all(lo <= hi for lo, hi in sch.level_bounds) and sch.init_noise_sigma == 1.0
+    assert (sch.t_model[1:] < sch.t_model[:-1]).all()
