@@ -18,9 +18,10 @@ def _x0_eps_vp(m, z, abar, pt):
 
 
 def reference_sample(family, student, teacher, *, steps=None, timesteps=None, pt="epsilon", tpt="epsilon",
-                     x_init, z, n, G, lam, w, rule, cond, cond_t, levels=None):
+                     x_init, z, n, G, lam, w, rule, cond, cond_t, levels=None, gamma=0.3):
     """x_init: [B, ...] initial noise already scaled by init_noise_sigma; z: [N, B, ...]; n: [G, B, ...];
-    lam, w: [B]; levels: [G, B] teacher levels for the random rule. Returns float64 final latents."""
+    lam, w: [B]; levels: [G, B] teacher levels for the random rule; gamma: TCD's. Returns float64 final
+    latents."""
     sched = make_scheduler(family, prediction_type=pt)
     if timesteps is not None:
         sched.set_timesteps(timesteps=list(timesteps))
@@ -89,6 +90,13 @@ def reference_sample(family, student, teacher, *, steps=None, timesteps=None, pt
                 p = ti - T // N
                 ap = acp[p] if p >= 0 else torch.tensor(float(sched.final_alpha_cumprod), dtype=torch.float64)
                 x = ap.sqrt() * x0 + (1 - ap).sqrt() * e
+            elif family == "tcd":  # to u = floor((1 - gamma) t_prev) (TCDScheduler's float32 floor), re-noise to t_prev
+                prev = int(round(ts[k + 1])) if k + 1 < N else 0
+                u = int(torch.floor((1 - gamma) * torch.tensor(prev)))
+                x = acp[u].sqrt() * x0 + (1 - acp[u]).sqrt() * e
+                if gamma > 0 and k + 1 < N:
+                    r = acp[prev] / acp[u]
+                    x = r.sqrt() * x + (1 - r).sqrt() * z[k].double()
             elif family == "euler":
                 x = x0 + sig[k + 1] * e
             else:

@@ -1,5 +1,6 @@
 """Families through the one place (distpp.families): tcd and flow step for step against diffusers' own
-loops, their options checked, and build_schedule free of per-family branches."""
+loops, guided tcd against the float64 transcription, their options checked, and build_schedule free of
+per-family branches. (The guided flow step: tests/test_flow.py.)"""
 
 import inspect
 
@@ -8,12 +9,13 @@ import torch
 from diffusers import TCDScheduler
 from diffusers.utils.torch_utils import randn_tensor
 
-from distpp import Sampler, SamplerConfig
+from distpp import Sampler, SamplerConfig, run_loop
 from distpp.errors import ConfigError
 from distpp.families import FAMILIES
 from distpp.schedules import build_schedule
 from helpers import (FLOW_SHAPE, FLUX_CONFIG, FlowGaussianDenoiser, GaussianDenoiser, assert_close, flow_config,
                      flow_scheduler, gaussian_conds)
+from reference import reference_sample
 
 SHAPE = (4, 6, 5)
 SD_BETAS = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
@@ -82,6 +84,31 @@ def test_tcd_lam0_reproduces_plain_and_guidance_acts():
     plain = run(guided_steps=0)
     assert torch.equal(plain, run(guided_steps=2, lam=0.0))
     assert not torch.allclose(plain, run(guided_steps=2, lam=0.2))
+
+
+@pytest.mark.parametrize("pt,tpt,rule,G,steps,gamma", [
+    ("epsilon", "epsilon", "next", 1, 4, 0.3),
+    ("v_prediction", "epsilon", "same", 2, 4, 0.0),
+    ("epsilon", "v_prediction", "random", 4, 4, 1.0),
+    ("sample", "epsilon", "next", 2, 3, 0.5),
+])
+def test_tcd_guided_matches_float64_spec(pt, tpt, rule, G, steps, gamma):
+    acp = TCDScheduler(**SD_BETAS).alphas_cumprod
+    student = GaussianDenoiser(acp, mu=0.1, sigma=0.8, shift=0.5, prediction_type=pt)
+    teacher = GaussianDenoiser(acp, mu=-0.2, sigma=0.6, shift=1.5, prediction_type=tpt)
+    cfg = SamplerConfig(family="tcd", steps=steps, guided_steps=G, lam=0.3, cfg=4.0, teacher_rule=rule,
+                        prediction_type=pt, teacher_prediction_type=tpt, family_options={"gamma": gamma},
+                        kernel_impl="torch")
+    s, B, lam = Sampler(student, teacher, cfg), 3, [0.3, 0.05, 0.9]
+    cond, uncond = gaussian_conds(B)
+    plan = s.prepare(cond, uncond=uncond, latent_shape=SHAPE, seeds=[1, 2, 3], lam=lam)
+    x_init, z, n, levels = plan.x.clone(), plan.z.clone(), plan.n.clone(), plan.t_teacher[:, :B].clone()
+    with torch.inference_mode():
+        ours = run_loop(s.student, s.teacher, s.ops, s.schedule, plan)
+    ref = reference_sample("tcd", student, teacher, steps=steps, pt=pt, tpt=tpt, x_init=x_init, z=z, n=n, G=G,
+                           lam=torch.tensor(lam), w=torch.full((B,), 4.0), rule=rule, cond=plan.cond_s,
+                           cond_t=plan.cond_t, levels=levels, gamma=gamma)
+    assert_close(ours, ref, 2e-5, f"tcd {rule} gamma={gamma}")
 
 
 @pytest.mark.parametrize("opts,match", [
