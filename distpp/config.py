@@ -27,7 +27,8 @@ class SamplerConfig:
     lam:             proximal weight in [0, 1]; None = the family default (DEFAULT_LAM).
     cfg:             teacher CFG scale w >= 0 (default 7.5).
     teacher_rule:    teacher timestep: "next" (the level the student's update moves to; default),
-                     "same" (the student's t) or "random" (uniform integer in [next, t]).
+                     "same" (the student's t) or "random" (uniform in [next, t]: an integer timestep; a
+                     real sigma in [sig_next, sig_k] for flow).
     prediction_type: the student's: epsilon, v_prediction or sample (flow family: flow); None = the
                      family's default (epsilon; flow for the flow family).
     teacher_prediction_type: the teacher's (None likewise).
