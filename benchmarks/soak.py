@@ -26,8 +26,12 @@ from dataclasses import dataclass
 import torch
 
 from distpp import Sampler, SamplerConfig
+from distpp.families import FAMILIES as ALL_FAMILIES
+from distpp.families import get_family
 from distpp.presets import build_preset
-from distpp.schedules import FAMILIES
+
+# The tiny preset's UNets predict epsilon: soak the families they fit (not flow).
+FAMILIES = tuple(f for f in ALL_FAMILIES if "epsilon" in get_family(f).prediction_types)
 
 MIB = 2**20
 

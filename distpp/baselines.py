@@ -23,16 +23,12 @@ from diffusers.utils.torch_utils import randn_tensor
 from .config import SamplerConfig
 from .denoiser import Cond, as_denoiser
 from .sampler import GUIDANCE_SEED_OFFSET, make_generators
-from .schedules import build_schedule, make_scheduler
+from .families import predict_x0_eps
+from .schedules import COL_A, COL_B, COL_C, build_schedule, make_scheduler
 
 
 def _x0_eps(m, x, abar, pt):
-    a, s = abar**0.5, (1 - abar) ** 0.5
-    if pt == "epsilon":
-        return (x - s * m) / a, m
-    if pt == "v_prediction":
-        return a * x - s * m, a * m + s * x
-    return m, (x - a * m) / s
+    return predict_x0_eps(m, x, abar**0.5, (1 - abar) ** 0.5, pt)
 
 
 def baseline_sample(student, teacher, config: SamplerConfig, cond: Cond, uncond: Cond | None, latent_shape,
@@ -46,7 +42,7 @@ def baseline_sample(student, teacher, config: SamplerConfig, cond: Cond, uncond:
     fam, pt, tpt = config.family, config.prediction_type, config.teacher_prediction_type
     sched = make_scheduler(fam, config.scheduler_config, pt)
     table = build_schedule(fam, config.steps, timesteps=config.timesteps, prediction_type=pt,
-                           scheduler_config=config.scheduler_config)  # only for its timesteps
+                           scheduler_config=config.scheduler_config)  # its timesteps, next levels, update rows
     if config.timesteps is not None or fam == "dmd2":
         from diffusers.utils import logging as dlogging
 
@@ -65,7 +61,6 @@ def baseline_sample(student, teacher, config: SamplerConfig, cond: Cond, uncond:
     shape = (B,) + tuple(latent_shape)
     per = (1,) + tuple(latent_shape)
     acp = sched.alphas_cumprod.to(device)
-    T, N = sched.config.num_train_timesteps, len(sched.timesteps)
     euler = fam in ("euler", "euler_a")
     student, teacher = as_denoiser(student), as_denoiser(teacher)
     cond_s = student.prepare(cond.to(device, dtype))
@@ -103,12 +98,7 @@ def baseline_sample(student, teacher, config: SamplerConfig, cond: Cond, uncond:
                 if fam in ("lcm", "dmd2"):
                     c_skip, c_out = sched.get_scalings_for_boundary_condition_discrete(t)
                     x0 = c_out * x0 + c_skip * x
-            if config.teacher_rule == "same":
-                s_lv = ti
-            elif fam == "ddim":
-                s_lv = ti - T // N if ti - T // N >= 0 else ti
-            else:
-                s_lv = int(round(float(sched.timesteps[k + 1]))) if k + 1 < N else ti
+            s_lv = ti if config.teacher_rule == "same" else int(round(float(table.t_next[k])))  # next_level(k)
             abar_s = acp[s_lv] if not research else torch.tensor(acp[s_lv].item(), device=device)
             n = torch.cat([torch.randn(per, generator=g, device=g.device, dtype=torch.float32).to(device)
                            for g in ggens])
@@ -123,25 +113,10 @@ def baseline_sample(student, teacher, config: SamplerConfig, cond: Cond, uncond:
             x0 = (1 - lam) * x0 + lam * x0T
             lap("guidance")
             # The family's native update from the guided x0 (what sched.step would do with it).
-            if fam in ("lcm", "dmd2"):
-                if k + 1 < N:
-                    an = acp[int(round(float(sched.timesteps[k + 1])))]
-                    z = randn_tensor(shape, generator=gens, device=device, dtype=torch.float32)
-                    x = an.sqrt() * x0 + (1 - an).sqrt() * z
-                else:
-                    x = x0
-            elif fam == "ddim":
-                p = ti - T // N
-                ap = acp[p] if p >= 0 else sched.final_alpha_cumprod.to(device)
-                x = ap.sqrt() * x0 + (1 - ap).sqrt() * e
-            elif fam == "euler":
-                x = x0 + sched.sigmas[k + 1] * e
-            else:
-                sf, st = sched.sigmas[k], sched.sigmas[k + 1]
-                up = (st**2 * (sf**2 - st**2) / sf**2) ** 0.5
-                down = (st**2 - up**2) ** 0.5
-                z = randn_tensor(shape, generator=gens, device=device, dtype=torch.float32)
-                x = x0 + down * e + up * z
+            c = table.coef[k].tolist()
+            x = c[COL_A] * x0 + c[COL_B] * e
+            if table.draws_noise[k]:
+                x = x + c[COL_C] * randn_tensor(shape, generator=gens, device=device, dtype=torch.float32)
             if hasattr(sched, "_step_index"):  # keep the scheduler's own counter in step
                 sched._step_index = k + 1
             lap("scheduler")

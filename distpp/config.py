@@ -11,22 +11,21 @@ import torch
 
 from .errors import ConfigError
 from .ops import KERNEL_IMPLS
-from .schedules import FAMILIES, PREDICTION_TYPES
+from .families import DEFAULT_LAM, get_family  # noqa: F401 (DEFAULT_LAM re-exported: each family's lam default)
 
 TEACHER_RULES = ("next", "same", "random")
 # How the teacher applies the guidance scale w (cfg): "cfg" = classifier-free guidance over one batch-2B
 # forward on [uncond; cond]; "embedded" = a guidance-distilled teacher taking w as an input (Cond.guidance).
 TEACHER_GUIDANCE = ("cfg", "embedded")
-# ALGORITHM.md defaults: 0.01 for the LCM family and DMD2, 0.1 for SDXL-Lightning (euler), 0.05 for
-# SDXL-Turbo (euler_a); DDIM students are not in the paper: the VP families' 0.01.
-DEFAULT_LAM = {"lcm": 0.01, "dmd2": 0.01, "euler": 0.1, "euler_a": 0.05, "ddim": 0.01}
 
 
 @dataclass(frozen=True)
 class SamplerConfig:
     """Settings of a guided sampler (defaults from ALGORITHM.md).
 
-    family:          student family: lcm, dmd2, euler (SDXL-Lightning), euler_a (SDXL-Turbo), ddim.
+    family:          student family: lcm, dmd2, euler (SDXL-Lightning), euler_a (SDXL-Turbo), ddim, tcd
+                     (TCD / Hyper-SD; option gamma, default 0.3), flow (SD3.5 / FLUX rectified flow,
+                     prediction type flow) (see distpp.families).
     steps:           student steps N (default 4; or len(timesteps)).
     timesteps:       explicit student timesteps (lcm, dmd2, euler), e.g. (399,) for DMD2 1-step.
     guided_steps:    G, teacher-guided steps at the start, 0..N (default 1; 0 = plain student).
@@ -42,10 +41,17 @@ class SamplerConfig:
                      graph replays with a new w); no uncond (passing one is an error). The default w of
                      such a teacher (3.5 for FLUX.1-dev) is set by its pipeline, not here.
     teacher_rule:    teacher timestep: "next" (the level the student's update moves to; default),
-                     "same" (the student's t) or "random" (uniform integer in [next, t]).
-    prediction_type: the student's: epsilon, v_prediction or sample.
-    teacher_prediction_type: the teacher's.
+                     "same" (the student's t) or "random" (uniform in [next, t]: an integer timestep; a
+                     real sigma in [sig_next, sig_k] for flow).
+    prediction_type: the student's: epsilon, v_prediction or sample (flow family: flow); None = the
+                     family's default (epsilon; flow for the flow family).
+    teacher_prediction_type: the teacher's (None likewise).
     scheduler_config: a diffusers scheduler config overriding the family defaults.
+    family_options:  the family's own options, checked here (docs/ARCHITECTURE.md "Families"). tcd: gamma.
+                     flow: shift (SD3.5: 3), use_dynamic_shifting with mu or image_seq_len (FLUX.1-dev),
+                     sigmas ("scheduler" as StableDiffusion3Pipeline, "linspace" as FluxPipeline),
+                     stochastic_sampling, timestep_scale (the model's timestep is sigma * timestep_scale:
+                     1000 for SD3 (default), 1 for FLUX).
     kernel_impl:     fused ops: auto (triton on CUDA, torch on CPU), torch, triton or cuda.
     check_finite:    check for NaN/inf: the inputs as the loop uses them (noise after its cast to float32
                      and scaling by init_noise_sigma, conditioning after its cast to the model dtype)
@@ -62,18 +68,23 @@ class SamplerConfig:
     cfg: float = 7.5
     teacher_rule: str = "next"
     teacher_guidance: str = "cfg"
-    prediction_type: str = "epsilon"
-    teacher_prediction_type: str = "epsilon"
+    prediction_type: str | None = None
+    teacher_prediction_type: str | None = None
     scheduler_config: Mapping[str, Any] | None = field(default=None, hash=False)
+    family_options: Mapping[str, Any] | None = field(default=None, hash=False)
     kernel_impl: str = "auto"
     check_finite: bool = False
 
     def __post_init__(self):
-        if self.family not in FAMILIES:
-            raise ConfigError(f"unknown family {self.family!r}; pass one of {', '.join(FAMILIES)}")
-        for name in ("prediction_type", "teacher_prediction_type"):
-            if getattr(self, name) not in PREDICTION_TYPES:
-                raise ConfigError(f"unknown {name} {getattr(self, name)!r}; pass one of {', '.join(PREDICTION_TYPES)}")
+        fam = get_family(self.family)
+        for name in ("prediction_type", "teacher_prediction_type"):  # None -> the family's default
+            object.__setattr__(self, name, fam.check_prediction_type(getattr(self, name), name))
+        if self.family_options is not None and not isinstance(self.family_options, Mapping):
+            raise ConfigError(f"family_options must be a mapping of option name to value, got {self.family_options!r}")
+        if self.scheduler_config is not None and not isinstance(self.scheduler_config, Mapping):
+            raise ConfigError(f"scheduler_config must be a mapping (e.g. pipe.scheduler.config), "
+                              f"got {type(self.scheduler_config).__name__}")
+        fam.resolve_options(self.family_options, self.scheduler_config)  # checked before any weights load
         try:  # operator.index: 2.5 steps or "999" is an error, not silently truncated or parsed
             if self.timesteps is not None:
                 object.__setattr__(self, "timesteps", tuple(operator.index(t) for t in self.timesteps))

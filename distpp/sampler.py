@@ -22,7 +22,8 @@ from .denoiser import Cond, ModelSpec, as_denoiser, check_cond
 from .dtypes import dtype_name
 from .errors import ConfigError, InputError
 from .ops import FusedOps, resolve_ops
-from .schedules import NUM_GCOLS, Schedule, build_schedule, teacher_coefficients
+from .families import get_family, teacher_rows
+from .schedules import NUM_GCOLS, Schedule, build_schedule
 
 # Base-seed offset of the guidance generator: sample seed s uses Generator(s) for the initial and
 # fresh noise and Generator(s + GUIDANCE_SEED_OFFSET) for the teacher re-noise (and random levels).
@@ -198,17 +199,19 @@ class Sampler:
         try:
             self.schedule = build_schedule(config.family, config.steps, timesteps=config.timesteps,
                                            prediction_type=config.prediction_type,
-                                           scheduler_config=config.scheduler_config, device=self.device)
+                                           scheduler_config=config.scheduler_config,
+                                           family_options=config.family_options, device=self.device)
         except ValueError as e:  # diffusers' own checks, e.g. LCM steps > original_inference_steps
             if isinstance(e, ConfigError):
                 raise
             raise ConfigError(f"the {config.family} scheduler refused this config: {e}") from e
         self.ops = resolve_ops(config.kernel_impl, self.device)
         # Guidance rows for the fixed teacher rules, [N, 4] float32: computed once, indexed per call.
-        sch = self.schedule
+        sch, tpt = self.schedule, config.teacher_prediction_type
+        self.family = get_family(config.family)
         self._grows = {
-            "next": teacher_coefficients(sch.abar_next.double(), config.teacher_prediction_type).float(),
-            "same": teacher_coefficients(sch.abar.double(), config.teacher_prediction_type).float(),
+            "next": teacher_rows(sch.a_next.double(), sch.s_next.double(), tpt).float(),
+            "same": teacher_rows(sch.a.double(), sch.s.double(), tpt).float(),
         }
         self._gtimes = {"next": sch.t_next, "same": sch.t_model}
 
@@ -310,7 +313,7 @@ class Sampler:
         x = torch.empty(shape, **f32)
         z = torch.empty((N,) + tuple(shape), **f32)
         n = torch.empty((G,) + tuple(shape), **f32)
-        levels = torch.empty((G, B), dtype=torch.int64, device=dev)  # on the device: no host read of a draw
+        levels = torch.empty((G, B), dtype=torch.float64, device=dev)  # on the device: no host read of a draw
         for b in range(B):
             g = gens[b]
             if noise is None:
@@ -322,7 +325,7 @@ class Sampler:
             for k in range(G):
                 if cfgs.teacher_rule == "random":
                     lo, hi = sch.level_bounds[k]
-                    levels[k, b] = torch.randint(lo, hi + 1, (1,), generator=gg, device=gg.device)[0].to(dev)
+                    levels[k, b] = self.family.draw_level(lo, hi, gg).to(dev)
                 n[k, b] = torch.randn(per, generator=gg, device=gg.device, dtype=torch.float32)[0].to(dev)
         if noise is not None:
             x.copy_(noise)
@@ -330,10 +333,9 @@ class Sampler:
         x_in = (x * sch.c_in[0]).to(self.dtype)
 
         if cfgs.teacher_rule == "random" and G > 0:
-            lv = levels
-            abar = sch.alphas_cumprod.double()[lv]
-            gcoef = teacher_coefficients(abar, cfgs.teacher_prediction_type).float().contiguous()
-            t_teacher = lv.float()
+            a_s, s_s, t_teacher = self.family.level_rows(levels, sch)  # the family's draws -> (a, s, t)
+            gcoef = teacher_rows(a_s, s_s, cfgs.teacher_prediction_type).float().contiguous()
+            t_teacher = t_teacher.float()
         else:
             gcoef = self._grows[cfgs.teacher_rule][:G, None, :].expand(G, B, NUM_GCOLS).contiguous()
             t_teacher = self._gtimes[cfgs.teacher_rule][:G, None].expand(G, B)

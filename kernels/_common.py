@@ -89,3 +89,19 @@ def teacher_halves(name: str, t: torch.Tensor, like: torch.Tensor, dtypes=FLOAT_
                          f"{(B,) + tuple(like.shape[1:])} (an embedded-guidance teacher)")
     check_latent(name, t, like, batch=rows, dtypes=dtypes)
     return rows // B
+
+
+def bind_table_columns(namespace: dict) -> None:
+    """Bind the schedule tables' column indices as Triton constexpr globals in a kernel module's
+    ``namespace``: coef columns ``_PX, _PM, _QX, _QM, _A, _B, _C, _CIN`` (distpp.schedules.COL_*), gcoef
+    columns ``_GA, _GS, _GTPX, _GTPM`` (GCOL_*) and its row stride ``_NG`` (NUM_GCOLS). Kernels then read
+    a column by the name the references use, so a layout change reaches every implementation at once.
+    (Triton lets a kernel read a global only when it is a ``tl.constexpr``; called from ``_kernel()`` so
+    importing distpp.kernels never imports triton.)"""
+    import triton.language as tl
+
+    from distpp import schedules as s
+
+    cols = dict(_PX=s.COL_PX, _PM=s.COL_PM, _QX=s.COL_QX, _QM=s.COL_QM, _A=s.COL_A, _B=s.COL_B, _C=s.COL_C,
+                _CIN=s.COL_CIN_NEXT, _GA=s.GCOL_A, _GS=s.GCOL_S, _GTPX=s.GCOL_TPX, _GTPM=s.GCOL_TPM, _NG=s.NUM_GCOLS)
+    namespace.update({name: tl.constexpr(v) for name, v in cols.items()})

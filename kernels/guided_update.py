@@ -22,8 +22,8 @@ import torch
 from distpp.schedules import (COL_CIN_NEXT, COL_PM, COL_PX, COL_QM, COL_QX, GCOL_A, GCOL_S, GCOL_TPM,
                               GCOL_TPX, NUM_COLS, NUM_GCOLS)
 
-from ._common import (bcast, check_gcoef, check_latent, check_step, check_table, launch_block, teacher_halves,
-                      triton_cdiv)
+from ._common import (bcast, bind_table_columns, check_gcoef, check_latent, check_step, check_table, launch_block,
+                      teacher_halves, triton_cdiv)
 from .plain_update import native_next
 
 
@@ -94,12 +94,14 @@ def _kernel():
     import triton
     import triton.language as tl
 
+    bind_table_columns(globals())
+
     @triton.jit
     def _guided_update_kernel(x_ptr, m_ptr, n_ptr, mt_ptr, z_ptr, c_ptr, g_ptr, lam_ptr, cfg_ptr, xo_ptr, xin_ptr,
                               per_sample, half_numel, HAS_Z: tl.constexpr, HAS_XIN: tl.constexpr,
                               CFG_PAIR: tl.constexpr, BLOCK: tl.constexpr):
-        # Grid (blocks per sample, B). c_ptr: row k of coef (PX, PM, QX, QM, A, B, C, CIN_NEXT = 0..7);
-        # g_ptr: gcoef[k] [B, 4] (A_S, S_S, TPX, TPM); m_t rows: uncond b, cond B + b when CFG_PAIR,
+        # Grid (blocks per sample, B). c_ptr: row k of coef; g_ptr: gcoef[k] [B, _NG]; columns by the
+        # constexpr names bind_table_columns gives them; m_t rows: uncond b, cond B + b when CFG_PAIR,
         # else row b is the embedded-guidance teacher's prediction (cfg_ptr not read).
         b = tl.program_id(1).to(tl.int64)
         j = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
@@ -109,22 +111,22 @@ def _kernel():
         m = tl.load(m_ptr + offs, mask=mask).to(tl.float32)
         n = tl.load(n_ptr + offs, mask=mask)
         mu = tl.load(mt_ptr + offs, mask=mask).to(tl.float32)
-        x0 = tl.load(c_ptr + 0) * x + tl.load(c_ptr + 1) * m
-        e = tl.load(c_ptr + 2) * x + tl.load(c_ptr + 3) * m
-        xs = tl.load(g_ptr + 4 * b + 0) * x0 + tl.load(g_ptr + 4 * b + 1) * n
+        x0 = tl.load(c_ptr + _PX) * x + tl.load(c_ptr + _PM) * m
+        e = tl.load(c_ptr + _QX) * x + tl.load(c_ptr + _QM) * m
+        xs = tl.load(g_ptr + _NG * b + _GA) * x0 + tl.load(g_ptr + _NG * b + _GS) * n
         if CFG_PAIR:
             mc = tl.load(mt_ptr + half_numel + offs, mask=mask).to(tl.float32)
             m_teacher = mu + tl.load(cfg_ptr + b) * (mc - mu)
         else:
             m_teacher = mu
-        x0_teacher = tl.load(g_ptr + 4 * b + 2) * xs + tl.load(g_ptr + 4 * b + 3) * m_teacher
+        x0_teacher = tl.load(g_ptr + _NG * b + _GTPX) * xs + tl.load(g_ptr + _NG * b + _GTPM) * m_teacher
         x0 = x0 + tl.load(lam_ptr + b) * (x0_teacher - x0)
-        nxt = tl.load(c_ptr + 4) * x0 + tl.load(c_ptr + 5) * e
+        nxt = tl.load(c_ptr + _A) * x0 + tl.load(c_ptr + _B) * e
         if HAS_Z:
-            nxt += tl.load(c_ptr + 6) * tl.load(z_ptr + offs, mask=mask)
+            nxt += tl.load(c_ptr + _C) * tl.load(z_ptr + offs, mask=mask)
         tl.store(xo_ptr + offs, nxt, mask=mask)
         if HAS_XIN:
-            xin = tl.load(c_ptr + 7) * nxt
+            xin = tl.load(c_ptr + _CIN) * nxt
             tl.store(xin_ptr + offs, xin.to(xin_ptr.dtype.element_ty, fp_downcast_rounding="rtne"), mask=mask)
 
     return _guided_update_kernel

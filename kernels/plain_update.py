@@ -15,7 +15,7 @@ import torch
 
 from distpp.schedules import COL_A, COL_B, COL_C, COL_CIN_NEXT, COL_PM, COL_PX, COL_QM, COL_QX, NUM_COLS
 
-from ._common import check_latent, check_step, check_table, launch_block, triton_cdiv
+from ._common import bind_table_columns, check_latent, check_step, check_table, launch_block, triton_cdiv
 
 
 def check_plain_update(x, m_s, z, coef, k, x_out, xin_out) -> None:
@@ -68,25 +68,27 @@ def _kernel():
     import triton
     import triton.language as tl
 
+    bind_table_columns(globals())
+
     @triton.jit
     def _plain_update_kernel(x_ptr, m_ptr, z_ptr, c_ptr, xo_ptr, xin_ptr, per_sample,
                              HAS_Z: tl.constexpr, HAS_XIN: tl.constexpr, BLOCK: tl.constexpr):
-        # Grid (blocks per sample, B). c_ptr points at row k of coef; columns as in distpp.schedules
-        # (PX, PM, QX, QM, A, B, C, CIN_NEXT = 0..7).
+        # Grid (blocks per sample, B). c_ptr points at row k of coef; columns by the constexpr names
+        # bind_table_columns gives distpp.schedules' COL_* indices.
         b = tl.program_id(1).to(tl.int64)
         j = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
         mask = j < per_sample
         offs = b * per_sample + j
         x = tl.load(x_ptr + offs, mask=mask)
         m = tl.load(m_ptr + offs, mask=mask).to(tl.float32)
-        x0 = tl.load(c_ptr + 0) * x + tl.load(c_ptr + 1) * m
-        e = tl.load(c_ptr + 2) * x + tl.load(c_ptr + 3) * m
-        nxt = tl.load(c_ptr + 4) * x0 + tl.load(c_ptr + 5) * e
+        x0 = tl.load(c_ptr + _PX) * x + tl.load(c_ptr + _PM) * m
+        e = tl.load(c_ptr + _QX) * x + tl.load(c_ptr + _QM) * m
+        nxt = tl.load(c_ptr + _A) * x0 + tl.load(c_ptr + _B) * e
         if HAS_Z:
-            nxt += tl.load(c_ptr + 6) * tl.load(z_ptr + offs, mask=mask)
+            nxt += tl.load(c_ptr + _C) * tl.load(z_ptr + offs, mask=mask)
         tl.store(xo_ptr + offs, nxt, mask=mask)
         if HAS_XIN:
-            xin = tl.load(c_ptr + 7) * nxt
+            xin = tl.load(c_ptr + _CIN) * nxt
             tl.store(xin_ptr + offs, xin.to(xin_ptr.dtype.element_ty, fp_downcast_rounding="rtne"), mask=mask)
 
     return _plain_update_kernel

@@ -16,8 +16,8 @@ import torch
 
 from distpp.schedules import COL_PM, COL_PX, GCOL_A, GCOL_S, NUM_COLS, NUM_GCOLS
 
-from ._common import (bcast, check_gcoef, check_latent, check_step, check_table, launch_block, teacher_halves,
-                      triton_cdiv)
+from ._common import (bcast, bind_table_columns, check_gcoef, check_latent, check_step, check_table, launch_block,
+                      teacher_halves, triton_cdiv)
 
 
 def check_student_update(x, m_s, n, coef, gcoef, k, out) -> int:
@@ -63,12 +63,14 @@ def _kernel():
     import triton
     import triton.language as tl
 
+    bind_table_columns(globals())
+
     @triton.jit
     def _student_update_kernel(x_ptr, m_ptr, n_ptr, c_ptr, g_ptr, out_ptr, per_sample, half_numel,
                                CFG_PAIR: tl.constexpr, BLOCK: tl.constexpr):
-        # Grid (blocks per sample, B). c_ptr: row k of coef (PX, PM at columns 0, 1); g_ptr: gcoef[k]
-        # [B, 4] (A_S, S_S at columns 0, 1). CFG_PAIR: out is [2B, ...] and the same x_s goes to rows b
-        # and B + b; else out is [B, ...] (embedded-guidance teacher).
+        # Grid (blocks per sample, B). c_ptr: row k of coef; g_ptr: gcoef[k] [B, _NG]; columns by the
+        # constexpr names bind_table_columns gives them. CFG_PAIR: out is [2B, ...] and the same x_s goes
+        # to rows b and B + b; else out is [B, ...] (embedded-guidance teacher).
         b = tl.program_id(1).to(tl.int64)
         j = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
         mask = j < per_sample
@@ -76,9 +78,9 @@ def _kernel():
         x = tl.load(x_ptr + offs, mask=mask)
         m = tl.load(m_ptr + offs, mask=mask).to(tl.float32)
         n = tl.load(n_ptr + offs, mask=mask)
-        x0 = tl.load(c_ptr + 0) * x + tl.load(c_ptr + 1) * m
-        xs = (tl.load(g_ptr + 4 * b + 0) * x0 + tl.load(g_ptr + 4 * b + 1) * n).to(out_ptr.dtype.element_ty,
-                                                                               fp_downcast_rounding="rtne")
+        x0 = tl.load(c_ptr + _PX) * x + tl.load(c_ptr + _PM) * m
+        xs = tl.load(g_ptr + _NG * b + _GA) * x0 + tl.load(g_ptr + _NG * b + _GS) * n
+        xs = xs.to(out_ptr.dtype.element_ty, fp_downcast_rounding="rtne")
         tl.store(out_ptr + offs, xs, mask=mask)
         if CFG_PAIR:
             tl.store(out_ptr + half_numel + offs, xs, mask=mask)

@@ -113,3 +113,67 @@ def channels_last_pair(pair):
         return UNetDenoiser(unet, w_embed=d.w_embed, prediction_type=d.spec.prediction_type)
 
     return moved(pair.student), moved(pair.teacher)
+
+
+class FlowGaussianDenoiser(DenoiserBase):
+    """Exact velocity v = e - x0 of Gaussian data x0 ~ N(mean_b, sigma^2 I) under rectified-flow noising
+    x = (1 - sig) x0 + sig e, predicting prediction type "flow" (any dtype).
+
+    sig = t / timestep_scale: the timestep as a pipeline passes it (StableDiffusion3Pipeline sig * 1000,
+    FluxPipeline sig, timestep_scale 1). mean_b as GaussianDenoiser's. Records each call's (input, t).
+    """
+
+    def __init__(self, timestep_scale=1000.0, mu=0.3, sigma=0.7, shift=1.0, channels=4, width=8):
+        self.scale, self.mu, self.sigma, self.shift = float(timestep_scale), mu, sigma, shift
+        self.spec = ModelSpec(in_channels=channels, cross_attention_dim=width, prediction_type="flow")
+        self.calls = []
+
+    def __call__(self, z, t, cond):
+        self.calls.append((z.detach().clone(), t.detach().clone()))
+        zd = z.double()
+        s = (t.double() / self.scale).view(-1, *([1] * (z.dim() - 1)))
+        a = 1 - s
+        mean = (self.mu + self.shift * cond.encoder_hidden_states[:, 0, 0].double()).view_as(s)
+        v = self.sigma**2
+        x0 = mean + a * v / (a * a * v + s * s) * (zd - a * mean)
+        return ((zd - x0) / s).to(z.dtype)  # e - x0 = (x - x0) / sig, since x - x0 = sig (e - x0)
+
+
+# Flow students. FLUX.1-dev's scheduler config (dynamic shifting); SD3.5's is shift 3 (the flow family's
+# default). Latents are drawn unpacked [C, H, W]; FLUX packs 2x2 patches: (6 / 2) * (8 / 2) = 12 tokens.
+FLUX_CONFIG = dict(num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
+                   base_image_seq_len=256, max_image_seq_len=4096)
+FLOW_SHAPE = (4, 6, 8)
+SEQ_LEN = (FLOW_SHAPE[1] // 2) * (FLOW_SHAPE[2] // 2)
+
+
+def flow_scheduler(style, steps, stochastic=False, mu=None):
+    """diffusers' scheduler set as StableDiffusion3Pipeline ("sd3") or FluxPipeline ("flux") sets it, written
+    from their sources (FLUX: sigmas linspace(1, 1/N, N), mu from the image sequence length), and the
+    transformer's timestep input timestep(t, latents) (SD3: t; FLUX: t / 1000)."""
+    import numpy as np
+    from diffusers import FlowMatchEulerDiscreteScheduler
+    from diffusers.pipelines.flux.pipeline_flux import calculate_shift
+
+    if style == "sd3":
+        sched = FlowMatchEulerDiscreteScheduler(shift=3.0, stochastic_sampling=stochastic)
+        sched.set_timesteps(steps)
+        return sched, lambda t, x: t.expand(x.shape[0])
+    sched = FlowMatchEulerDiscreteScheduler(**FLUX_CONFIG, stochastic_sampling=stochastic)
+    if mu is None:
+        c = sched.config
+        mu = calculate_shift(SEQ_LEN, c.get("base_image_seq_len", 256), c.get("max_image_seq_len", 4096),
+                             c.get("base_shift", 0.5), c.get("max_shift", 1.15))
+    sched.set_timesteps(sigmas=np.linspace(1.0, 1 / steps, steps), mu=mu)
+    return sched, lambda t, x: t.expand(x.shape[0]).to(x.dtype) / 1000
+
+
+def flow_config(style, steps, stochastic=False, mu=None, **kw):
+    """The SamplerConfig of flow_scheduler's setting."""
+    from distpp import SamplerConfig
+
+    if style == "sd3":
+        return SamplerConfig(family="flow", steps=steps, family_options=dict(stochastic_sampling=stochastic), **kw)
+    opts = dict(sigmas="linspace", timestep_scale=1.0, stochastic_sampling=stochastic)
+    opts.update(dict(mu=mu) if mu is not None else dict(image_seq_len=SEQ_LEN))
+    return SamplerConfig(family="flow", steps=steps, scheduler_config=FLUX_CONFIG, family_options=opts, **kw)

@@ -20,9 +20,10 @@ def _x0_eps_vp(m, z, abar, pt):
 
 
 def reference_sample(family, student, teacher, *, steps=None, timesteps=None, pt="epsilon", tpt="epsilon",
-                     x_init, z, n, G, lam, w, rule, cond, cond_t, levels=None, embedded=False):
+                     x_init, z, n, G, lam, w, rule, cond, cond_t, levels=None, embedded=False, gamma=0.3):
     """x_init: [B, ...] initial noise already scaled by init_noise_sigma; z: [N, B, ...]; n: [G, B, ...];
-    lam, w: [B]; levels: [G, B] teacher levels for the random rule. Returns float64 final latents.
+    lam, w: [B]; levels: [G, B] teacher levels for the random rule; gamma: TCD's. Returns float64 final
+    latents.
 
     The teacher's guidance (ALGORITHM.md): CFG (default) runs the teacher on [x_s; x_s] with cond_t's
     [uncond B; cond B] rows and combines m_u + w (m_c - m_u); ``embedded=True`` (a guidance-distilled
@@ -99,6 +100,13 @@ def reference_sample(family, student, teacher, *, steps=None, timesteps=None, pt
                 p = ti - T // N
                 ap = acp[p] if p >= 0 else torch.tensor(float(sched.final_alpha_cumprod), dtype=torch.float64)
                 x = ap.sqrt() * x0 + (1 - ap).sqrt() * e
+            elif family == "tcd":  # to u = floor((1 - gamma) t_prev) (TCDScheduler's float32 floor), re-noise to t_prev
+                prev = int(round(ts[k + 1])) if k + 1 < N else 0
+                u = int(torch.floor((1 - gamma) * torch.tensor(prev)))
+                x = acp[u].sqrt() * x0 + (1 - acp[u]).sqrt() * e
+                if gamma > 0 and k + 1 < N:
+                    r = acp[prev] / acp[u]
+                    x = r.sqrt() * x + (1 - r).sqrt() * z[k].double()
             elif family == "euler":
                 x = x0 + sig[k + 1] * e
             else:
@@ -106,4 +114,43 @@ def reference_sample(family, student, teacher, *, steps=None, timesteps=None, pt
                 up = (st_**2 * (sf**2 - st_**2) / sf**2).sqrt()
                 down = (st_**2 - up**2).sqrt()
                 x = x0 + down * e + up * z[k].double()
+    return x
+
+
+def reference_flow_sample(student, teacher, *, sigmas, t_model, timestep_scale, stochastic=False, x_init, z, n, G,
+                          lam, w, rule, cond, cond_t, levels=None):
+    """ALGORITHM.md's "Flow-matching students" in float64, written from the spec.
+
+    sigmas: [N + 1] the scheduler's sigmas (last 0); t_model: [N] the student's timestep input per step (as
+    the pipeline passes it); timestep_scale: the model's timestep = sigma * timestep_scale (random levels);
+    x_init: [B, ...] initial noise; z: [N, B, ...] fresh noise (stochastic sampling); n: [G, B, ...];
+    lam, w: [B]; levels: [G, B] teacher sigmas for the random rule. Returns float64 final latents."""
+    sig = [float(v) for v in sigmas]
+    N = len(sig) - 1
+    x = x_init.double().clone()
+    B = x.shape[0]
+    view = (B,) + (1,) * (x.dim() - 1)
+    lam, w = lam.double().view(view), w.double().view(view)
+    with torch.inference_mode():
+        for k in range(N):
+            s_k, s_n = sig[k], sig[k + 1]
+            v = student(x.float(), torch.full((B,), float(t_model[k])), cond).double()
+            x0, e = x - s_k * v, x + (1 - s_k) * v  # x = (1 - s) x0 + s e, v = e - x0
+            if k < G:
+                if rule == "random":
+                    s_s = levels[k].double().view(view)
+                    ts = (levels[k].double() * timestep_scale).float()
+                else:
+                    nxt = k + 1 if (rule == "next" and k + 1 < N) else k
+                    s_s = torch.full(view, sig[nxt], dtype=torch.float64)
+                    ts = torch.full((B,), float(t_model[nxt]))
+                xs = (1 - s_s) * x0 + s_s * n[k].double()
+                vt = teacher(torch.cat([xs, xs]).float(), torch.cat([ts, ts]), cond_t).double()
+                vT = vt[:B] + w * (vt[B:] - vt[:B])
+                x0T = xs - s_s * vT
+                x0 = (1 - lam) * x0 + lam * x0T
+            if stochastic:
+                x = (1 - s_n) * x0 + s_n * z[k].double()
+            else:
+                x = (1 - s_n) * x0 + s_n * e
     return x

@@ -38,7 +38,7 @@ def test_soak_memory_stays_flat(report):
 
 def test_soak_results_finite_and_reproducible(report):
     assert report["nonfinite_values"] == 0
-    assert report["configs"] == 15  # 5 families x G in {0, 1, 2}
+    assert report["configs"] == 18  # 6 epsilon-model families (lcm dmd2 euler euler_a ddim tcd) x G in {0, 1, 2}
     assert len(report["repro"]) == 4 and report["repro_all_bitwise"], report["repro"]
     assert report["calls"] == CALLS and report["calls_per_s"] > 0
 
