@@ -24,6 +24,7 @@ from ..config import SamplerConfig, check_cfg, check_lam
 from ..denoiser import Cond, ModelSpec
 from ..errors import ConfigError
 from ..sampler import Sampler
+from ..families import lcm_boundary_scalings
 from ..schedules import build_schedule
 from . import csv_list, save_figure
 from . import write_outputs as write_lab_outputs
@@ -171,11 +172,10 @@ def train_teacher(cfg: DigitsLabConfig, x, y, acp):
     return unet.eval()
 
 
-def lcm_boundary(t: torch.Tensor, scale: float = 10.0, sd: float = 0.5):
-    """LCMScheduler's c_skip, c_out at timesteps t (the student's consistency parametrization)."""
-    tt = t.double() * scale
-    c_skip = sd**2 / (tt**2 + sd**2)
-    c_out = tt / (tt**2 + sd**2).sqrt()
+def lcm_boundary(t: torch.Tensor):
+    """LCMScheduler's c_skip, c_out at timesteps t (the student's consistency parametrization), from the
+    lcm family's one definition, as [B, 1, 1, 1] float32."""
+    c_skip, c_out = lcm_boundary_scalings(t.double())
     return c_skip.float().view(-1, 1, 1, 1), c_out.float().view(-1, 1, 1, 1)
 
 
