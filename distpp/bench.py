@@ -393,8 +393,26 @@ class _DiffusersStages:
         return tensors
 
 
+def check_pipeline_imports() -> None:
+    """BackendUnavailableError naming every missing package ``--pipeline`` needs, before anything loads."""
+    import importlib
+
+    from .errors import BackendUnavailableError
+
+    missing = []
+    for name in ("diffusers", "transformers", "tokenizers"):
+        try:
+            importlib.import_module(name)
+        except ImportError as e:
+            missing.append(f"{name} ({e})")
+    if missing:
+        raise BackendUnavailableError(f"--pipeline needs diffusers, transformers and tokenizers; missing: "
+                                      f"{'; '.join(missing)}. pip install 'distpp[pipeline]' (offline: their wheels)")
+
+
 def build_pipeline_variants(args, device, dtype) -> tuple[list[Variant], dict]:
     """The end-to-end variants (module docstring) and the run's settings."""
+    check_pipeline_imports()
     from .baselines import BaselineSampler
     from .denoiser import UNetDenoiser
     from .pipeline import Pipeline
