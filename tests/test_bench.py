@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from distpp import SamplerConfig, bench
+from distpp.bench import cli, e2e
 from distpp.baselines import BaselineSampler, baseline_sample
 
 
@@ -69,11 +70,11 @@ def test_bench_allocation_failure_is_one_line(monkeypatch, capsys):
         raise RuntimeError("[enforce fail at alloc_cpu.cpp:121] data. DefaultCPUAllocator: can't allocate memory: "
                            "you tried to allocate 1099511627776 bytes.\nmore detail")
 
-    monkeypatch.setattr(bench, "_run", no_memory)
+    monkeypatch.setattr(cli, "run", no_memory)
     assert bench.main(["--batch", "1000", "--no-progress"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "out of memory at --batch 1000" in err[0] and "smaller --batch" in err[0]
-    monkeypatch.setattr(bench, "_run", lambda args: (_ for _ in ()).throw(RuntimeError("a real bug")))
+    monkeypatch.setattr(cli, "run", lambda args: (_ for _ in ()).throw(RuntimeError("a real bug")))
     with pytest.raises(RuntimeError, match="a real bug"):  # only allocation failures become one line
         bench.main(["--no-progress"])
 
@@ -167,8 +168,8 @@ def test_bench_pipeline_every_call_encodes(monkeypatch):
     from distpp.timing import StageTimer
 
     args = bench.parse_args(["--pipeline", "--variants", "eager_guided,distpp,distpp_graph", "--no-progress"])
-    src = bench._random_source(args, torch.device("cpu"), torch.float32)
-    monkeypatch.setattr(bench, "_random_source", lambda *a: src)
+    src = e2e.random_source(args, torch.device("cpu"), torch.float32)
+    monkeypatch.setattr(e2e, "random_source", lambda *a: src)
     variants, _ = bench.build_pipeline_variants(args, torch.device("cpu"), torch.float32)
     enc = src.student_text
     enc.encode([""])  # the negative prompt: encoded once, then cached for every variant alike
