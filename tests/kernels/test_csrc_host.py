@@ -250,3 +250,19 @@ def test_ci_runs_the_sanitized_host_tests():
     assert "-DDISTPP_SANITIZE=ON" in ci and "ctest --test-dir build/sanitize" in ci
     cmake = (root / "CMakeLists.txt").read_text()
     assert 'option(DISTPP_SANITIZE' in cmake and "-fsanitize=address,undefined" in cmake
+
+
+def test_host_ops_take_channels_last_unet_predictions(host_lib, tiny_pair):
+    """A sampler over channels_last tiny UNets (non-contiguous predictions) with the C library's ops gives
+    the contiguous-model result (issue 13 item 8; the Triton and torch twins are in test_channels_last.py)."""
+    from distpp import Sampler, SamplerConfig
+    from distpp.ops import FusedOps
+    from helpers import channels_last_pair, rel_err
+
+    cond, uncond = tiny_pair.random_cond(2, seed=11)
+    cfg = SamplerConfig(family="euler_a", steps=3, guided_steps=1, lam=0.3, cfg=5.0, kernel_impl="torch")
+    kw = dict(uncond=uncond, latent_shape=(4, 8, 8), seeds=[7, 8])
+    ref = Sampler(tiny_pair.student, tiny_pair.teacher, cfg).sample(cond, **kw)
+    s = Sampler(*channels_last_pair(tiny_pair), cfg)
+    s.ops = FusedOps("cuda-host", host_lib.student_update, host_lib.guided_update, host_lib.plain_update)
+    assert rel_err(s.sample(cond, **kw), ref) <= 1e-5
