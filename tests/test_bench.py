@@ -65,6 +65,14 @@ def test_bench_bad_arguments(argv, msg, capsys):
     assert msg in err and len(err.strip().splitlines()) == 1
 
 
+@pytest.mark.parametrize("argv", [["--batch", "abc"], ["--pipeline", "--pair", "nope"], ["--graphs", "maybe"]])
+def test_bench_argparse_errors_are_one_line(argv, capsys):
+    with pytest.raises(SystemExit) as e:
+        bench.main(argv)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and len(err) == 1 and err[0].startswith("python -m distpp.bench: error: argument")
+
+
 def test_bench_allocation_failure_is_one_line(monkeypatch, capsys):
     def no_memory(args):
         raise RuntimeError("[enforce fail at alloc_cpu.cpp:121] data. DefaultCPUAllocator: can't allocate memory: "
@@ -179,3 +187,21 @@ def test_bench_pipeline_every_call_encodes(monkeypatch):
         tm.begin()
         v.run(tm)
         assert enc.encoder_calls == before + 1, v.name
+
+
+def test_bench_pipeline_loaded_pair(tmp_path_factory, tmp_path):
+    """``--pipeline --student --teacher --family``: the pair loads through Pipeline.from_pretrained and
+    diffusers' own LCM pipeline is built from the very same loaded modules."""
+    from tiny_repos import tiny_repos_for
+
+    repos = tiny_repos_for(tmp_path_factory)
+    out = tmp_path / "p.json"
+    rc = bench.main(["--pipeline", "--student", repos["sd_lcm"], "--teacher", repos["sd_teacher"], "--family", "lcm",
+                     "--variants", "diffusers_unguided,distpp", "--repeats", "1", "--warmup", "0", "--no-progress",
+                     "--json", str(out)])
+    assert rc == 0
+    data = json.loads(out.read_text())
+    assert [r["variant"] for r in data["rows"]] == ["diffusers_unguided", "distpp"]
+    assert data["settings"]["model"].endswith("sd_teacher") and data["settings"]["family"] == "lcm"
+    assert bench.main(["--pipeline", "--student", str(tmp_path / "nowhere"), "--teacher", repos["sd_teacher"],
+                       "--family", "lcm", "--no-progress"]) == 2

@@ -15,8 +15,17 @@ from .common import MAX_BATCH, environment, resolve_device_dtype
 from .report import noisy_warnings, report, speedups, write_plot
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse's errors as one line on stderr, exit code 2 (it prints the whole usage block otherwise)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m distpp.bench",
+    from ..pipeline import KNOWN_PAIRS, STUDENT_KINDS
+
+    p = _Parser(prog="python -m distpp.bench",
                                 description="guided-sampling latency of distpp against baselines run in the same process")
     p.add_argument("--preset", default="tiny", help="tiny (default), tiny_xl, sd15, sdxl (--pipeline: tiny, sd15)")
     p.add_argument("--weights", default=None, help="local folder with student/ and teacher/ UNets (else random)")
@@ -46,10 +55,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     g = p.add_argument_group("end to end (--pipeline)")
     g.add_argument("--pipeline", action="store_true", help="time prompt -> image (encode, loop, decode) against "
                    "diffusers' own unguided pipeline; default model: a tiny random SD1.5-style LCM pipeline")
-    g.add_argument("--pair", default=None, help="a known student/teacher pair (distpp.pipeline.KNOWN_PAIRS)")
+    g.add_argument("--pair", default=None, choices=sorted(KNOWN_PAIRS), help="a known student/teacher pair (README)")
     g.add_argument("--student", default=None, help="student: folder or Hub id (as distpp.generate)")
     g.add_argument("--teacher", default=None, help="teacher: a diffusers pipeline folder or Hub id")
-    g.add_argument("--student-kind", default="auto", help="auto (default), pipeline, unet, unet_file, lora")
+    g.add_argument("--student-kind", default="auto", choices=STUDENT_KINDS,
+                   help="auto (default), pipeline, unet, unet_file, lora")
     g.add_argument("--student-weights", default=None, help="file inside --student (UNet state dict or LoRA)")
     g.add_argument("--negative-prompt", default="", help="the teacher's CFG negative prompt (default empty)")
     p.add_argument("--plot", default=None, metavar="PATH", help="write a PNG of the per-stage latency breakdown")
@@ -138,7 +148,12 @@ def main(argv=None) -> int:
     try:
         doc = run(args)
     except DistppError as e:
-        print(f"distpp.bench: {_first_line(e)}", file=sys.stderr)
+        msg = _first_line(e)
+        if args.pipeline:  # Pipeline messages name from_pretrained's keywords: say them as options
+            from ..generate import cli_message
+
+            msg = cli_message(msg)
+        print(f"distpp.bench: {msg}", file=sys.stderr)
         return 2
     except Exception as e:  # noqa: BLE001 - allocation failures only, re-raised otherwise
         if not _is_alloc_error(e):

@@ -4,7 +4,6 @@ distpp.Pipeline with graphs off and on, all on the very same modules."""
 
 from __future__ import annotations
 
-import argparse
 import itertools
 from dataclasses import dataclass
 
@@ -50,16 +49,22 @@ def random_source(args, device, dtype) -> PipelineSource:
 
 
 def loaded_source(args, device, dtype) -> PipelineSource:
+    """The modules of a pair loaded by ``Pipeline.from_pretrained``, its options read as distpp.generate
+    reads them (one place turns --pair / --student / --teacher ... into from_pretrained's arguments)."""
     from .. import generate
     from ..pipeline import Pipeline
 
-    ns = argparse.Namespace(pair=args.pair, student=args.student, teacher=args.teacher, family=args.family,
-                            steps=args.steps, guided_steps=args.guided_steps, lam=args.lam, cfg=args.cfg,
-                            student_weights=args.student_weights, vae=None, upcast_vae=None, offline=None,
-                            device=str(device), dtype=None, student_kind=args.student_kind)
-    kw = generate.resolve(ns)
-    kw.update(dtype=dtype, kernel_impl=args.kernel_impl)
-    pipe = Pipeline.from_pretrained(**kw, graphs=False)
+    argv = ["--prompt", "bench", "--device", str(device), "--dtype", dtype_name(dtype), "--backend", "eager",
+            "--graphs", "off", "--student-kind", args.student_kind, "--batch-size", str(args.batch)]
+    for flag, value in (("--pair", args.pair), ("--student", args.student), ("--teacher", args.teacher),
+                        ("--family", args.family), ("--student-weights", args.student_weights),
+                        ("--steps", args.steps), ("--guided-steps", args.guided_steps), ("--lam", args.lam),
+                        ("--cfg", args.cfg)):
+        if value is not None:
+            argv += [flag, str(value)]
+    kw = generate.resolve(generate.parse_args(argv))
+    # loaded once, eager and without graphs: the bench composes its own Pipelines from these modules
+    pipe = Pipeline.from_pretrained(**kw, kernel_impl=args.kernel_impl)
     return PipelineSource(pipe.student.unet, pipe.teacher.unet, pipe.vae, pipe.student_text, pipe.teacher_text,
                           pipe.config, pipe.student.w_embed, pipe.force_zeros_for_empty_prompt,
                           args.pair or f"{args.student} <- {args.teacher}")
