@@ -18,6 +18,7 @@ TIME_RATIOS = (("distpp", "unguided", "guided/unguided time ratio"),
 def build_variants(args, pair, device, dtype) -> tuple[list[Variant], dict]:
     """The latent-loop variants (module docstring) and the run's settings."""
     from ..baselines import BaselineSampler
+    from ..denoiser import SDXL_TIME_IDS
     from ..graphs import GraphRunner, noop_ops
     from ..runtime import CondSpec, Runtime
 
@@ -28,7 +29,7 @@ def build_variants(args, pair, device, dtype) -> tuple[list[Variant], dict]:
     shape, seeds = info.latent_shape, list(range(B))
     guided_cfg = sampler_config(args)
     plain = {"guided_steps": 0}
-    spec = CondSpec(info.tokens, info.width, pooled=info.pooled, time_ids=6 if info.pooled else None)
+    spec = CondSpec(info.tokens, info.width, pooled=info.pooled, time_ids=SDXL_TIME_IDS if info.pooled else None)
     options = backend_options(args)
 
     def runtime(graphs: bool) -> Runtime:
