@@ -51,7 +51,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--compile-backend", default="inductor", help="torch.compile backend with --backend compile: "
                    "inductor; aot_eager / eager trace without codegen (fast, to test the plumbing)")
     p.add_argument("--graphs", default="off", choices=("on", "off"),
-                   help="on: also run the distpp variants through whole-loop CUDA graphs (distpp.graphs)")
+                   help="on: also run the distpp variants through whole-loop CUDA graphs (distpp.graphs); "
+                   "latent mode (--pipeline runs distpp_graph unless --variants leaves it out)")
     g = p.add_argument_group("end to end (--pipeline)")
     g.add_argument("--pipeline", action="store_true", help="time prompt -> image (encode, loop, decode) against "
                    "diffusers' own unguided pipeline; default model: a tiny random SD1.5-style LCM pipeline")
