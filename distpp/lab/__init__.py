@@ -3,6 +3,7 @@ Distillation++ is measured through the public Sampler. Run ``python -m distpp.la
 
 from __future__ import annotations
 
+import argparse
 import json
 from pathlib import Path
 from typing import Callable
@@ -30,3 +31,26 @@ def write_outputs(result: dict, out_dir, name: str, plot: Callable[[dict, Path],
     if plot is not None:
         paths["png"] = plot(result, out_dir / f"{name}.png")
     return paths
+
+
+def csv_list(kind: type) -> Callable[[str], tuple]:
+    """An argparse ``type`` for comma-separated lists (``--lams 0.01,0.1``): a bad item becomes argparse's
+    one-line usage error (exit code 2) naming the item and the expected kind."""
+
+    def parse(text: str) -> tuple:
+        items = [v.strip() for v in text.split(",") if v.strip()]
+        if not items:
+            raise argparse.ArgumentTypeError(f"expected a comma-separated list of {kind.__name__}, got {text!r}")
+        try:
+            return tuple(kind(v) for v in items)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a comma-separated list of {kind.__name__} "
+                                             f"(e.g. {'0.01,0.1' if kind is float else '1,2'}), got {text!r}")
+
+    parse.__name__ = f"{kind.__name__} list"
+    return parse
+
+
+def csv_text(values) -> str:
+    """The CLI spelling of a tuple default: (0.01, 0.1) -> '0.01,0.1'."""
+    return ",".join(f"{v:g}" if isinstance(v, float) else str(v) for v in values)

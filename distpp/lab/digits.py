@@ -25,7 +25,7 @@ from ..denoiser import Cond, ModelSpec
 from ..errors import ConfigError
 from ..sampler import Sampler
 from ..schedules import build_schedule
-from . import save_figure
+from . import csv_list, save_figure
 from . import write_outputs as write_lab_outputs
 from .gmm import machine
 from .metrics import frechet_distance, paired_effect
@@ -71,7 +71,7 @@ class DigitsLabConfig:
         for name in ("teacher_steps", "student_steps", "classifier_steps", "batch", "steps", "samples", "seeds"):
             v = getattr(self, name)
             if not isinstance(v, int) or v < 1:
-                raise ConfigError(f"{name} must be an integer >= 1, got {v!r}")
+                raise ConfigError(f"{name} (--{name.replace('_', '-')}) must be an integer >= 1, got {v!r}")
         for lam in self.lams:
             check_lam(lam)
         check_cfg(self.cfg)
@@ -268,7 +268,7 @@ def evaluate(images: torch.Tensor, labels: torch.Tensor, clf: Classifier, real_f
             "min_class_coverage": float(min(per_class)), "per_class": per_class}
 
 
-def run_digits(cfg: DigitsLabConfig, cache: ArtifactCache | None = None, log=print) -> dict:
+def run_digits(cfg: DigitsLabConfig, cache: ArtifactCache | None = None, log=print, machine_name: str = "") -> dict:
     t_start = time.perf_counter()
     clf, teacher_unet, student_unet, times = build_models(cfg, cache, log)
     x, y = load_data()
@@ -301,7 +301,7 @@ def run_digits(cfg: DigitsLabConfig, cache: ArtifactCache | None = None, log=pri
            for r in range(cfg.seeds)]
     rows.append(_row(f"teacher ddim {cfg.ceiling_steps} w={cfg.distill_cfg:g} (ceiling)", per, None))
     log(format_row(rows[-1]))
-    return {"lab": "digits", "config": asdict(cfg), "machine": machine(), "train_seconds": times,
+    return {"lab": "digits", "config": asdict(cfg), "machine": machine(machine_name), "train_seconds": times,
             "classifier_accuracy_on_data": real_acc, "rows": rows, "grids_seed0": grids,
             "seconds": time.perf_counter() - t_start}
 
@@ -327,7 +327,17 @@ def format_row(row: dict) -> str:
 
 def table(result: dict) -> str:
     head = f"{'setting':<34} {'FD':>8} {'±sd':>6}  {'acc':>5}  {'minCls':>5}  dFD(paired)      dAcc"
-    return "\n".join([head] + [format_row(r) for r in result["rows"]])
+    return "\n".join([head] + [format_row(r) for r in result["rows"]] + ["", "columns:"]
+                     + [f"  {k:<12} {v}" for k, v in COLUMNS])
+
+
+COLUMNS = (
+    ("FD ±sd", "Frechet distance to the real digits in the classifier's 64-d features, mean ± sd over seeds"),
+    ("acc", "share of samples the classifier assigns to the requested digit"),
+    ("minCls", "the lowest per-digit accuracy"),
+    ("dFD(paired)", "seed-paired FD change against the student (same seeds): mean ± sd of per-seed differences"),
+    ("dAcc", "seed-paired accuracy change"),
+)
 
 
 def plot(result: dict, path: Path) -> Path:
@@ -355,18 +365,23 @@ def write_outputs(result: dict, out_dir: Path, make_plot: bool = True) -> dict:
 
 def add_args(p) -> None:
     d = DigitsLabConfig()
-    for name in ("teacher_steps", "student_steps", "classifier_steps", "batch", "steps", "samples", "seeds"):
-        p.add_argument("--" + name.replace("_", "-"), type=int, default=getattr(d, name))
-    p.add_argument("--lams", default=",".join(f"{v:g}" for v in d.lams))
-    p.add_argument("--guided", default=",".join(str(v) for v in d.guided))
+    for name, what in (("teacher_steps", "teacher training steps"), ("student_steps", "distillation steps"),
+                       ("classifier_steps", "classifier training steps"), ("batch", "training batch"),
+                       ("steps", "student sampling steps"), ("samples", "samples per class and run"),
+                       ("seeds", "seed-paired replicates")):
+        p.add_argument("--" + name.replace("_", "-"), type=int, default=getattr(d, name), help=what)
+    p.add_argument("--lams", type=csv_list(float), default=d.lams, metavar="LIST",
+                   help="lam values, comma-separated, e.g. 0.1,0.3")
+    p.add_argument("--guided", type=csv_list(int), default=d.guided, metavar="LIST",
+                   help="guided-step counts G, comma-separated, e.g. 1,2")
     p.add_argument("--cfg", type=float, default=d.cfg, help="teacher CFG for Distillation++")
-    p.add_argument("--distill-cfg", type=float, default=d.distill_cfg)
-    p.add_argument("--ceiling-steps", type=int, default=d.ceiling_steps)
+    p.add_argument("--distill-cfg", type=float, default=d.distill_cfg, help="teacher CFG baked into the student")
+    p.add_argument("--ceiling-steps", type=int, default=d.ceiling_steps, help="DDIM steps of the teacher-alone row")
 
 
 def config_from_args(args) -> DigitsLabConfig:
     return DigitsLabConfig(
         teacher_steps=args.teacher_steps, student_steps=args.student_steps, classifier_steps=args.classifier_steps,
         batch=args.batch, steps=args.steps, samples=args.samples, seeds=args.seeds,
-        lams=tuple(float(v) for v in args.lams.split(",")), guided=tuple(int(v) for v in args.guided.split(",")),
+        lams=args.lams, guided=args.guided,
         cfg=args.cfg, distill_cfg=args.distill_cfg, ceiling_steps=args.ceiling_steps)

@@ -65,9 +65,23 @@ class Mixture:
         return int(self.class_weights.shape[0]) - 1
 
 
-def ring_mixture(d: int = 2, modes: int = 8, n_classes: int = 2, radius: float = 1.0, std: float = 0.1) -> Mixture:
-    """``modes`` equal-weight Gaussians on a circle of ``radius`` in the first two coordinates of R^d;
-    mode k belongs to class k % n_classes (so each class owns modes/n_classes interleaved modes)."""
+CLASS_LAYOUTS = ("contiguous", "interleaved")
+
+
+def ring_mixture(d: int = 2, modes: int = 8, n_classes: int = 2, radius: float = 1.0, std: float = 0.1,
+                 class_layout: str = "contiguous") -> Mixture:
+    """``modes`` equal-weight Gaussians on a circle of ``radius`` in the first two coordinates of R^d
+    (mode k at angle k * 360/modes degrees), each owned by one of ``n_classes`` classes:
+
+    contiguous:  mode k in class k // (modes / n_classes): each class owns an arc (with 8 modes and 2
+                 classes, class 0 = modes 0-3, one half of the ring). ALGORITHM.md's reference figures use
+                 this layout: the classes differ in mean, so a noised sample still says which half it came
+                 from at the levels a 4-step teacher is asked, and CFG has something to amplify.
+    interleaved: mode k in class k % n_classes: the classes share mean and covariance, so at t >= 499
+                 P(class | x_t) ~ 1/n_classes, conditional and unconditional denoisers agree and CFG is
+                 inert (the negative control)."""
+    if class_layout not in CLASS_LAYOUTS:
+        raise ConfigError(f"class_layout must be one of {', '.join(CLASS_LAYOUTS)}, got {class_layout!r}")
     if not isinstance(d, int) or d < 1:
         raise ConfigError(f"d (the data dimension) must be an integer >= 1, got {d!r}")
     if modes < 1 or n_classes < 1 or modes % n_classes:
@@ -79,7 +93,8 @@ def ring_mixture(d: int = 2, modes: int = 8, n_classes: int = 2, radius: float =
     means[:, 0] = radius * ang.cos()
     if d > 1:
         means[:, 1] = radius * ang.sin()
-    mode_class = torch.arange(modes) % n_classes
+    k = torch.arange(modes)
+    mode_class = k // (modes // n_classes) if class_layout == "contiguous" else k % n_classes
     uncond = torch.full((modes,), 1.0 / modes, dtype=F64)
     rows = [_normalize(uncond * (mode_class == c)) for c in range(n_classes)]
     return Mixture(means, torch.full((modes,), float(std), dtype=F64), torch.stack(rows + [uncond]), mode_class)

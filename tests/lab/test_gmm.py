@@ -1,5 +1,6 @@
 """The gmm lab: exact models, metrics, sampler wiring and the Distillation++ measurement."""
 
+import json
 import math
 
 import numpy as np
@@ -46,7 +47,7 @@ def test_posterior_mean_and_ode_map_match_single_gaussian_closed_form():
 
 
 def test_ode_map_transports_noised_mixture_to_the_mixture():
-    mix = ring_mixture()
+    mix = ring_mixture(class_layout="interleaved")  # the tolerances below were measured on this layout
     g = torch.Generator().manual_seed(2)
     lab = torch.zeros(1500, dtype=torch.long)
     x0 = sample_mixture(mix, lab, g)
@@ -119,8 +120,9 @@ def test_guided_step_through_sampler_matches_hand_computation():
 
 
 def _mini(**kw):
-    base = dict(families=("dmd2",), samples=600, ref_samples=600, seeds=3, ode_steps=40, lams=(0.3,), guided=(2,),
-                cfgs=(7.5,), rules=("next",), teacher_steps=0)
+    """The interleaved-layout miniature (30% leakage): these tests were written for that layout and say so."""
+    base = dict(class_layout="interleaved", leak=0.3, families=("dmd2",), samples=600, ref_samples=600, seeds=3,
+                ode_steps=40, lams=(0.3,), guided=(2,), cfgs=(7.5,), rules=("next",), teacher_steps=0)
     base.update(kw)
     return gmm.GmmLabConfig(**base)
 
@@ -132,7 +134,7 @@ def test_mini_lab_runs_and_is_seed_paired(tmp_path):
     names = [r["name"] for r in res["rows"]]
     assert names[0] == "true samples (floor)" and any("ceiling" in n for n in names)
     rows = {r["name"]: r for r in res["rows"]}
-    floor, ceiling = rows["true samples (floor)"], rows["teacher ddim 50 steps w=1 (ceiling)"]
+    floor, ceiling = rows["true samples (floor)"], rows[gmm.teacher_label(50, 1.0)]
     student = rows["lcm student"]
     assert abs(floor["energy"]["mean"]) < 5e-3 and floor["accuracy"]["mean"] > 0.995
     assert ceiling["accuracy"]["mean"] > 0.97
@@ -140,8 +142,22 @@ def test_mini_lab_runs_and_is_seed_paired(tmp_path):
     assert all("effect" in r for r in res["rows"] if r["setting"] and r["setting"]["guided"] > 0)
     paths = gmm.write_outputs(res, tmp_path)
     assert paths["json"].stat().st_size > 0 and paths["png"].stat().st_size > 1000
+    # The teacher-timestep ablation: per family and G, every rule paired against the student and against next.
+    abl = {(e["family"], e["guided"]): e for e in json.loads(paths["json"].read_text())["ablation"]}
+    assert set(abl) == {("lcm", 2), ("euler", 2)}
+    e = abl[("euler", 2)]
+    assert sorted(e["order"]) == ["next", "random", "same"] and e["paper_order"] == ["next", "random", "same"]
+    assert e["paper_order_reproduced"] == (e["order"] == ["next", "random", "same"])
+    assert "vs_next" in e["rules"]["same"] and "vs_next" not in e["rules"]["next"]
+    assert e["rules"]["same"]["vs_student"]["energy"] == rows["euler ++ G=2 lam=0.3 w=7.5 same"]["effect"]["energy"]
+    # The printed table explains every column once and labels the teacher-alone rows with their settings.
+    text = gmm.table(res)
+    for col in ("SW1", "modeTV", "cov", "d_z", "ED/base", "U-statistic", "below zero", "teacher-timestep ablation"):
+        assert col in text, col
+    assert sum(line.startswith("  d_z ") for line in text.splitlines()) == 1
+    assert "teacher alone: ddim 50 steps, w=7.5 (CFG-sharpened, not a ceiling)" in text
     # lam = 0 is the plain student, sample for sample (same seeds).
-    mix = ring_mixture()
+    mix = ring_mixture(class_layout="interleaved")
     T, S = MixtureTeacher(mix, ACP), OdeMapStudent(perturbed(mix, leak=0.3), ACP, 20)
     plain = gmm.run_setting(gmm.make_sampler(gmm.Setting("lcm", 0, 0.0, 7.5, "next"), S, T, 4), mix, 50, 1)[0]
     zero = gmm.run_setting(gmm.make_sampler(gmm.Setting("lcm", 2, 0.0, 7.5, "next"), S, T, 4), mix, 50, 1)[0]
@@ -153,13 +169,12 @@ def mini_result():
     return gmm.run_gmm(_mini(families=("dmd2", "euler")), log=lambda s: None)
 
 
-def test_leaky_student_measured_effect_of_guidance(mini_result):
-    """What the exact model measures at G=2, lam=0.3, w=7.5 (dmd2, 30% leakage): the unguided student is
-    clearly off the target, and guidance moves energy distance by little compared with that gap; it
-    never makes things worse by more than its seed spread. (The large gain ALGORITHM.md reports is the
-    next test, expected to fail.)"""
-    res = mini_result
-    rows = {r["name"]: r for r in res["rows"]}
+def test_interleaved_layout_guidance_barely_acts(mini_result):
+    """The negative control (interleaved classes, 30% leakage, dmd2, G=2, lam=0.3, w=7.5): the unguided
+    student is clearly off the target, yet guidance moves energy distance by little compared with that gap
+    (CFG has nothing to amplify there, see test_why_teacher_cfg_barely_acts_at_the_guided_levels), against
+    the ~7x reduction the same setting gives on the contiguous layout (the next test)."""
+    rows = {r["name"]: r for r in mini_result["rows"]}
     base, guided = rows["dmd2 student"], rows["dmd2 ++ G=2 lam=0.3 w=7.5 next"]
     floor = rows["true samples (floor)"]
     gap = base["energy"]["mean"] - floor["energy"]["mean"]
@@ -167,19 +182,43 @@ def test_leaky_student_measured_effect_of_guidance(mini_result):
     eff = guided["effect"]["energy"]
     assert eff["delta_mean"] < 2 * eff["delta_std"] + 1e-4
     assert abs(eff["delta_mean"]) < 0.5 * gap
+    assert abs(guided["effect"]["accuracy"]["delta_mean"]) < 0.02
 
 
-@pytest.mark.xfail(strict=True, reason="ALGORITHM.md's GMM reference (0.050 -> 0.007, acc 0.82 -> 0.92) does not "
-                   "reproduce: with 4 steps and G=2 the teacher is asked at t=749/499, where the noised sample says "
-                   "nothing about its class (P(class|x_t)=0.500) and cond/uncond denoisers agree to 0.002/0.024, so "
-                   "CFG has nothing to amplify; see the next test and README 'Quality lab'")
-def test_distillation_pp_clearly_reduces_energy_and_raises_accuracy(mini_result):
-    res = mini_result
-    rows = {r["name"]: r for r in res["rows"]}
-    base, guided = rows["dmd2 student"], rows["dmd2 ++ G=2 lam=0.3 w=7.5 next"]
-    eff = guided["effect"]["energy"]
-    assert eff["delta_mean"] < -max(3 * eff["delta_std"], 0.3 * base["energy"]["mean"])
-    assert guided["accuracy"]["mean"] > base["accuracy"]["mean"] + 0.03
+# ALGORITHM.md's ED ratios to the unguided dmd2 student (contiguous classes, leak 0.375), (G, lam, w) -> ratio.
+SPEC_RATIOS = {(1, 0.3, 7.5): 0.80, (2, 0.1, 7.5): 0.48, (2, 0.3, 7.5): 0.14, (2, 0.3, 1.0): 0.86}
+
+
+def test_contiguous_layout_reproduces_the_spec_ratios():
+    """The headline: ALGORITHM.md's reference figures through the public Sampler (dmd2, 999/749/499/249,
+    contiguous classes, the spec's student = leak 0.375), 3 seeds x 3000 samples, seed-paired. The seed-mean
+    ED ratio to the unguided student is within 0.10 of the spec's for each setting (measured 0.76, 0.43,
+    0.13, 0.84 against 0.80, 0.48, 0.14, 0.86), in the spec's order, and accuracy rises with G and lam.
+    ode_steps 20: the ratios agree with 40 steps to 1e-3. ~20 s single-threaded on the 2-core dev box."""
+    cfg = gmm.GmmLabConfig(families=("dmd2",), samples=3000, ref_samples=3000, seeds=3, ode_steps=20)
+    assert cfg.class_layout == "contiguous" and cfg.leak == 0.375  # the defaults are the spec's problem
+    mix = ring_mixture(cfg.d, cfg.modes, cfg.n_classes, cfg.radius, cfg.std, cfg.class_layout)
+    teacher, student = MixtureTeacher(mix, ACP), OdeMapStudent(perturbed(mix, leak=cfg.leak), ACP, cfg.ode_steps)
+    refs = [gmm.references(mix, cfg, r) for r in range(cfg.seeds)]
+
+    def measure(g, lam, w):
+        samp = gmm.make_sampler(gmm.Setting("dmd2", g, lam, w, "next"), student, teacher, cfg.steps)
+        return [gmm.score(*gmm.run_setting(samp, mix, cfg.samples, r), mix, refs[r]) for r in range(cfg.seeds)]
+
+    base = measure(0, 0.0, 7.5)
+    base_ed = np.mean([p["energy"] for p in base])
+    assert 0.035 < base_ed < 0.065 and 0.78 < np.mean([p["accuracy"] for p in base]) < 0.86  # spec: 0.050, 0.82
+    got = {k: gmm.summarize(measure(*k), base) for k in SPEC_RATIOS}
+    ratio = {k: v["effect"]["energy_ratio"] for k, v in got.items()}
+    for k, want in SPEC_RATIOS.items():
+        assert abs(ratio[k] - want) < 0.10, (k, ratio[k], want)
+    assert ratio[(2, 0.3, 7.5)] < ratio[(2, 0.1, 7.5)] < ratio[(1, 0.3, 7.5)] < 1
+    assert ratio[(2, 0.3, 1.0)] < 1
+    acc = {k: v["accuracy"]["mean"] for k, v in got.items()}
+    assert acc[(2, 0.3, 7.5)] > acc[(2, 0.1, 7.5)] > acc[(1, 0.3, 7.5)] > np.mean([p["accuracy"] for p in base])
+    assert acc[(2, 0.3, 7.5)] > 0.9  # spec: 0.92
+    for v in got.values():  # every guided setting beyond seed noise, seed-paired
+        assert v["effect"]["energy"]["delta_mean"] < -3 * v["effect"]["energy"]["delta_std"]
 
 
 def test_distillation_pp_helps_the_deterministic_leaky_student(mini_result):
@@ -196,13 +235,16 @@ def test_distillation_pp_helps_the_deterministic_leaky_student(mini_result):
 
 
 def test_why_teacher_cfg_barely_acts_at_the_guided_levels():
-    """The mechanism behind the xfail above. On this ring both classes' mixtures have the same mean and
+    """Why the interleaved layout is inert. There both classes' mixtures have the same mean and
     covariance, so once the noise is large a noised sample carries no class information: at the teacher
     levels of G=2 (t=749, 499) P(true class | x_t) is 0.500 and the conditional and unconditional posterior
     means differ by ~0.002 / ~0.024 rms (mode spacing 0.77). Even w=7.5, lam=0.3 then moves x0 by < 0.06,
     and the two unguided fresh-noise steps that follow re-draw the class from the leaky student. At t=100
-    the class is still visible (sanity: the measurement can tell the difference)."""
-    mix = ring_mixture()
+    the class is still visible (sanity: the measurement can tell the difference). On the contiguous layout
+    (each class one half of the ring) P(class | x_t) is also near 0.5 at t=749 (0.514), but the classes'
+    means differ, so the conditional and unconditional posterior means differ by ~0.64 / ~0.58 rms at
+    t=749 / 499: that difference is what CFG amplifies."""
+    mix = ring_mixture(class_layout="interleaved")
     g = torch.Generator().manual_seed(11)
     n = 4000
     lab = torch.arange(n) % 2
@@ -224,6 +266,11 @@ def test_why_teacher_cfg_barely_acts_at_the_guided_levels():
         assert abs(p - 0.5) < 0.002 and gap < max_gap, (t, p, gap)
     torch.testing.assert_close(class_posterior(x0[:5], ACP[0].double().expand(5), mix).sum(1),
                                torch.ones(5, dtype=torch.float64))
+    mix = ring_mixture(class_layout="contiguous")
+    x0 = sample_mixture(mix, lab, torch.Generator().manual_seed(11))
+    for t in (749, 499):
+        p, gap = at(t)
+        assert p > 0.505 and gap > 0.5, (t, p, gap)
 
 
 @pytest.mark.parametrize("kw", [dict(d=0), dict(steps=0), dict(lams=(1.5,)), dict(lams=(-0.1,)), dict(sweep_lam=2.0),
@@ -231,6 +278,22 @@ def test_why_teacher_cfg_barely_acts_at_the_guided_levels():
 def test_bad_settings_raise_config_error(kw):
     with pytest.raises(ConfigError):
         gmm.GmmLabConfig(**kw)
+
+
+def test_class_layouts_and_the_spec_student():
+    """contiguous: class 0 = modes 0-3 (one half of the ring); interleaved: mode k in class k % 2. leak 0.375 is
+    ALGORITHM.md's student: weights 1.3 on the class's modes and 0.3 on the others, 18.75% on the wrong class."""
+    assert ring_mixture().mode_class.tolist() == [0, 0, 0, 0, 1, 1, 1, 1]
+    assert ring_mixture(class_layout="interleaved").mode_class.tolist() == [0, 1, 0, 1, 0, 1, 0, 1]
+    assert ring_mixture(modes=6, n_classes=3).mode_class.tolist() == [0, 0, 1, 1, 2, 2]
+    mix = ring_mixture()
+    w = perturbed(mix, leak=gmm.GmmLabConfig().leak).class_weights[0]
+    torch.testing.assert_close(w, torch.tensor([1.3] * 4 + [0.3] * 4, dtype=torch.float64) / 6.4)
+    assert float(w[4:].sum()) == pytest.approx(0.1875)
+    with pytest.raises(ConfigError, match="class_layout"):
+        ring_mixture(class_layout="alternate")
+    with pytest.raises(ConfigError, match="--class-layout"):
+        gmm.GmmLabConfig(class_layout="alternate")
 
 
 def test_bad_mixture_and_model_settings():
@@ -246,8 +309,38 @@ def test_cli_gmm_miniature(tmp_path, capsys):
     from distpp.lab.__main__ import main
 
     rc = main(["gmm", "--families", "dmd2", "--samples", "40", "--seeds", "2", "--ode-steps", "5", "--lams", "0.3",
-               "--guided", "1", "--cfgs", "7.5", "--rules", "next", "--teacher-steps", "0", "--out", str(tmp_path)])
+               "--guided", "1", "--cfgs", "7.5", "--rules", "next", "--teacher-steps", "0", "--out", str(tmp_path),
+               "--machine-name", "test box"])
     assert rc == 0 and (tmp_path / "gmm.json").exists() and (tmp_path / "gmm.png").exists()
-    assert "dmd2 student" in capsys.readouterr().out
-    with pytest.raises(ConfigError):
-        main(["gmm", "--d", "0", "--out", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert "dmd2 student" in out and "test box" in out
+    assert json.loads((tmp_path / "gmm.json").read_text())["machine"]["name"] == "test box"
+
+
+@pytest.mark.parametrize("argv, says", [
+    (["gmm", "--d", "0"], "--d"), (["gmm", "--families", "dmd2,nope"], "--families"),
+    (["gmm", "--lams", "0.1,1.5"], "--lams"), (["gmm", "--rules", "late"], "--rules"),
+    (["gmm", "--lams", "0.1,x"], "--lams"), (["gmm", "--class-layout", "alternate"], "--class-layout"),
+    (["digits", "--guided", "9"], "guided"), (["digits", "--seeds", "0"], "--seeds")])
+def test_cli_bad_settings_one_line_exit_2(argv, says, tmp_path, capsys):
+    """A bad setting ends with one line on stderr naming the flag, exit code 2, and no traceback."""
+    from distpp.lab.__main__ import main
+
+    try:
+        rc = main(argv + ["--out", str(tmp_path)])
+    except SystemExit as e:  # argparse-level errors (a list item that does not parse, an unknown choice)
+        rc = e.code
+    err = capsys.readouterr().err
+    assert rc == 2 and len(err.strip().splitlines()) == 1 and says in err and "Traceback" not in err, err
+    assert not (tmp_path / "gmm.json").exists()
+
+
+def test_cli_help_shows_defaults_and_list_format(capsys):
+    from distpp.lab.__main__ import main
+
+    with pytest.raises(SystemExit):
+        main(["gmm", "--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    for want in ("(default: 0.01,0.1,0.3,0.5)", "e.g. 0.01,0.1", "(default: contiguous)", "(default: 0.375)",
+                 "(default: dmd2,lcm,euler)"):
+        assert want in out, want
