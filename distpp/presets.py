@@ -250,8 +250,11 @@ def random_pipeline_parts(name: str = "tiny", folder: str | os.PathLike | None =
         raise ConfigError(f"preset {name!r} is too large for a CPU (pass --force to build it anyway)")
     tok = tiny_tokenizer(folder or tempfile.mkdtemp(prefix="distpp_tokenizer_"),
                          TEXT_CONFIGS[name]["max_position_embeddings"])
-    modules = [_build_unet(info.unet_config, info.time_cond_proj_dim, seed + 1),
-               _build_unet(info.unet_config, None, seed + 2),
-               random_vae(name, seed=seed + 3), random_text_encoder(name, vocab_size=len(tok), seed=seed + 4)]
+    # weights are drawn on ``device`` itself: on a GPU the random init of SD1.5's ~2 B parameters runs
+    # there instead of on the host before a copy (the GPU check builds this once per end-to-end stage)
+    with torch.device(device):
+        modules = [_build_unet(info.unet_config, info.time_cond_proj_dim, seed + 1),
+                   _build_unet(info.unet_config, None, seed + 2),
+                   random_vae(name, seed=seed + 3), random_text_encoder(name, vocab_size=len(tok), seed=seed + 4)]
     s, t, vae, enc = (_to(m, device, dtype) for m in modules)
     return PipelineParts(s, t, vae, tok, enc, info)
