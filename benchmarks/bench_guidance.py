@@ -2,7 +2,7 @@
 device-to-device copy of the same byte count.
 
     python benchmarks/bench_guidance.py [--presets sd15 sdxl] [--batches 1 2 4 8] [--impls triton cuda torch]
-                                        [--dtype fp16] [--json out.json]
+                                        [--dtype float16] [--json out.json]
 
 On a GPU: triton.testing.do_bench (median and p90, L2 flushed between runs) of each op for SD1.5
 (B x 4 x 64 x 64) and SDXL (B x 4 x 128 x 128) latents; GB/s = bytes the op must move / median time,
@@ -23,8 +23,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _harness as H  # noqa: E402
 
+from distpp.dtypes import ALIASES, DTYPES, dtype_name, parse_dtype  # noqa: E402
+
 LATENTS = {"sd15": (4, 64, 64), "sdxl": (4, 128, 128)}
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 OPS = ("student_update", "guided_update", "plain_update")
 
 
@@ -97,13 +98,13 @@ def launches_per_step(d) -> dict:
                 unguided_before=n["plain_update"], unguided_after=1)
 
 
-def bench(presets, batches, dtype_name, impl_names, timer="events") -> tuple[list[dict], dict]:
+def bench(presets, batches, dtype: torch.dtype, impl_names, timer="events") -> tuple[list[dict], dict]:
     device = "cuda" if H.on_gpu() else "cpu"
     impls = implementations(impl_names)
     rows, launches = [], None
     for preset in presets:
         for B in batches:
-            d = make_inputs(B, LATENTS[preset], DTYPES[dtype_name], device)
+            d = make_inputs(B, LATENTS[preset], dtype, device)
             if launches is None:
                 launches = launches_per_step(d)
             nbytes = op_bytes(d)
@@ -128,7 +129,8 @@ def main(argv=None) -> int:
     ap.add_argument("--presets", nargs="+", choices=list(LATENTS), default=list(LATENTS))
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 2, 4, 8])
     ap.add_argument("--impls", nargs="+", choices=["triton", "cuda", "torch"], default=["triton", "cuda", "torch"])
-    ap.add_argument("--dtype", choices=list(DTYPES), default="fp16")
+    ap.add_argument("--dtype", choices=[*DTYPES, *ALIASES], default="float16",
+                    help="float16 (default), bfloat16, float32 (or fp16, bf16, fp32)")
     ap.add_argument("--json", default="bench_guidance.json", help="where the rows go")
     ap.add_argument("--timer", choices=["events", "cudagraph"], default="events",
                     help="GPU timing: 'events' (do_bench, L2 flushed, host launch cost included when it "
@@ -140,8 +142,9 @@ def main(argv=None) -> int:
         print("[bench_guidance] no CUDA GPU: timing the torch references on SD1.5 B=1 only; "
               "GPU numbers need a GPU (run benchmarks/gpu_check.sh on one)")
         presets, batches, impls = ["sd15"], [1], ["torch"]
-    rows, launches = bench(presets, batches, args.dtype, impls, timer=args.timer)
-    info.update(dtype=args.dtype, launches_per_step=launches, timer=args.timer)
+    dtype = parse_dtype(args.dtype, what="--dtype")
+    rows, launches = bench(presets, batches, dtype, impls, timer=args.timer)
+    info.update(dtype=dtype_name(dtype), launches_per_step=launches, timer=args.timer)
     path = H.write_rows(args.json, rows, info)
     print(f"device: {info['gpu'] or 'cpu'} | torch {info['torch']} | triton {info['triton']} | commit {info['commit']}")
     print(f"launches per step: guided {launches['guided_before']} -> {launches['guided_after']}, "

@@ -9,7 +9,10 @@
 #                                        # CPU bench mode): tests this script without a GPU
 # Options: --sdxl (also SDXL latents in the kernel bench: default SD1.5 only, batches 1 4 8; and an SDXL
 # sampler run), --compile (sampler bench with torch.compile UNets), --sweep (sampler batches 2, 8 and G = 2).
-# Every stage logs to $OUT/<stage>.log; a failing stage is recorded and the next one still runs.
+# Every stage logs to $OUT/<stage>.log; a failing stage is recorded and the next one still runs. The default
+# run also times prompt -> image end to end (SD1.5 architecture with CLIP-L and the SD1.5 VAE, random
+# weights; needs transformers, tokenizers and regex wheels in .whl/ beside diffusers') and one serve
+# worker (benchmarks/gpu_check_extra.sh).
 # Hook for the GPU-runtime work: define more stages in run_extra_stages below (e.g. the sampler bench).
 set -u
 
@@ -24,7 +27,7 @@ for arg in "$@"; do
     --sdxl) SDXL=1 ;;
     --compile) COMPILE=1 ;;
     --sweep) SWEEP=1 ;;
-    -h|--help) sed -n '2,14p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,17p' "$0"; exit 0 ;;
     *) echo "unknown option $arg (use --dry-run, --cpu, --sdxl, --compile, --sweep)"; exit 2 ;;
   esac
 done
@@ -64,7 +67,8 @@ run_stage env "nvidia-smi --query-gpu=name,compute_cap,driver_version,memory.tot
 if [ "$MODE" = cpu ]; then
   echo "(cpu mode: using the installed packages; no offline install)"
 else
-  # diffusers + importlib_metadata wheels travel in .whl/ (the GPU image reaches no registry).
+  # diffusers + importlib_metadata (+ transformers, tokenizers, regex for the end-to-end stages) wheels
+  # travel in .whl/ (the GPU image reaches no registry).
   run_stage install "test -d .whl && $PY -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl; export PYTHONPATH=/tmp/site; $PY -m pip install -q --no-index --no-deps --no-build-isolation -e . && $PY -c 'import distpp, diffusers; print(\"distpp ok, diffusers\", diffusers.__version__)'"
   export PYTHONPATH="/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
 fi
@@ -105,6 +109,7 @@ if [ "$MODE" != dry ] && [ -f "$OUT/bench_guidance.log" ]; then
   awk '/^preset/{p=1} p && $0 !~ /^rows written/' "$OUT/bench_guidance.log" | head -n 40
 fi
 if [ "$MODE" != dry ] && type print_sampler_summary >/dev/null 2>&1; then print_sampler_summary; fi
+if [ "$MODE" != dry ] && type print_e2e_summary >/dev/null 2>&1; then print_e2e_summary; fi
 printf '%-16s %-14s %s\n' stage status seconds
 while IFS=$'\t' read -r name status secs; do printf '%-16s %-14s %s\n' "$name" "$status" "$secs"; done < "$SUMMARY"
 grep -q FAILED "$SUMMARY" && exit 1

@@ -1,8 +1,13 @@
 # Sampler stages of benchmarks/gpu_check.sh (sourced by its run_extra_stages; uses its run_stage, MODE, PY,
 # OUT, SDXL, COMPILE, SWEEP). Default: SD1.5 architecture (random weights), fp16, 4 steps, G = 1, batch 1
 # and 4: eager loop vs whole-loop CUDA graphs, the eager and research baselines, unguided runs, NVML
-# telemetry; JSON + PNG per run under $OUT. --sdxl adds SDXL batch 1, --compile adds torch.compile
-# (cold compiles take minutes), --sweep adds batches 2 and 8 and G = 2.
+# telemetry; JSON + PNG per run under $OUT. Then end to end (prompt -> image, `distpp.bench --pipeline`):
+# SD1.5 architecture 512x512 with a CLIP-L text encoder and the SD1.5 VAE built from configs (random
+# weights, a generated tokenizer vocabulary), batch 1 and 4: diffusers' own unguided LCM pipeline, the
+# eager guided baseline, distpp eager, distpp graphs; and one serve replica's worker (no Ray), batch 1
+# and 4. The end-to-end stages first check their imports (diffusers, transformers, tokenizers).
+# --sdxl adds SDXL batch 1, --compile adds torch.compile (cold compiles take minutes), --sweep adds
+# batches 2 and 8 and G = 2.
 # In --cpu mode the same stages run on the tiny preset in float32 with 2 repeats (tests the plumbing).
 
 SAMPLER_COMMON="--steps 4 --guided-steps 1 --graphs on --no-progress"
@@ -37,6 +42,52 @@ if [ "${SWEEP:-0}" = 1 ]; then
   sampler_stage sampler_g2_b1 1 --guided-steps 2
 fi
 
+# End to end. The GPU image has no transformers: its wheels (transformers, tokenizers, regex) travel in
+# .whl/ with diffusers' (../shared/DEVICE.md); say so plainly when they did not.
+cat > "$OUT/check_e2e_imports.py" <<'PYEOF'
+import importlib
+import sys
+
+missing = []
+for name in ("diffusers", "transformers", "tokenizers", "regex"):
+    try:
+        mod = importlib.import_module(name)
+        print(name, getattr(mod, "__version__", "?"))
+    except Exception as e:  # noqa: BLE001 - any import failure is reported by name
+        missing.append(f"{name} ({type(e).__name__}: {e})")
+if missing:
+    print("missing for the end-to-end stages: " + "; ".join(missing))
+    print("copy ../shared/wheels/*.whl (diffusers, importlib_metadata, transformers, tokenizers, regex) into .whl/ "
+          "and pass carry ['.whl'] (../shared/DEVICE.md); the e2e stages are skipped")
+    sys.exit(3)
+PYEOF
+run_stage e2e_imports "$PY '$OUT/check_e2e_imports.py'"
+if [ "$MODE" = cpu ]; then
+  E2E_MODEL="--preset tiny --dtype float32 --device cpu"
+  E2E_REPS="--repeats 2 --warmup 1"
+  SERVE_ARGS="--preset tiny --dtype float32 --device cpu --repeats 2 --warmup 1"
+else
+  E2E_MODEL="--preset sd15 --dtype float16 --device cuda"
+  E2E_REPS="--repeats 10 --warmup 3"
+  SERVE_ARGS="--preset sd15 --dtype float16 --device cuda --repeats 10 --warmup 3"
+fi
+# e2e_stage NAME BATCH: the end-to-end bench, skipped (not run) when the imports are missing.
+e2e_stage() {
+  local name="$1" batch="$2"
+  if [ "$MODE" != dry ] && ! grep -q $'^e2e_imports\tok' "$SUMMARY"; then
+    echo "== $name skipped: the e2e_imports stage failed (see $OUT/e2e_imports.log)"
+    printf '%s\t%s\t%s\n' "$name" "SKIPPED(imports)" "0" >> "$SUMMARY"
+    return 0
+  fi
+  run_stage "$name" "$PY -m distpp.bench --pipeline $E2E_MODEL --steps 4 --guided-steps 1 --batch $batch $E2E_REPS --no-progress --json '$OUT/$name.json' --plot '$OUT/$name.png'"
+}
+e2e_stage e2e_b1 1
+e2e_stage e2e_b4 4
+# TODO(serve): on this commit ServeSettings has no graphs setting, so the worker samples without CUDA graphs;
+# issue 12 item 6 asks for "the serve worker with graphs": once the worker samples through a Runtime, give
+# bench_serve_worker.py its graphs / batch-bucket settings and run it with graphs on here.
+run_stage serve_worker "$PY benchmarks/bench_serve_worker.py $SERVE_ARGS --batches 1 4 --json '$OUT/serve_worker.json'"
+
 # Printed by gpu_check.sh's summary: one line per sampler run (medians, ratios, targets a/b/c).
 print_sampler_summary() {
   ls "$OUT"/sampler_*.json >/dev/null 2>&1 || return 0
@@ -61,5 +112,32 @@ for path in sys.argv[1:]:
           f"{f('b_speedup_vs_eager'):>6} {f('c_guided_over_unguided', '.3f'):>6} {f('c_bound', '.3f'):>7} "
           f"{(format(e, '.2f') if e else '-'):>6} {d['settings'].get('graph_capture_s', 0):>9.2f} "
           f"{d['settings'].get('compile_s', 0):>9.1f}")
+PYEOF
+}
+
+# Printed by gpu_check.sh's summary: one line per end-to-end run (median ms end to end and loop; speed-ups
+# = baseline ms / distpp ms, > 1: distpp faster; targets at batch 1: loop >= 2.5x the eager guided loop,
+# end to end faster than diffusers' unguided pipeline).
+print_e2e_summary() {
+  ls "$OUT"/e2e_b*.json >/dev/null 2>&1 || return 0
+  "$PY" - "$OUT"/e2e_b*.json <<'PYEOF'
+import json, os, sys
+print("end to end (median ms, total / loop; speed-up = baseline ms / distpp ms, > 1: distpp faster)")
+names = ("diffusers_unguided", "eager_guided", "distpp", "distpp_graph")
+print(f"{'run':<8} {'device':<22} " + " ".join(f"{n:>18}" for n in names)
+      + f" {'loop x eager':>12} {'e2e x eager':>11} {'e2e x diffusers':>15}")
+for path in sys.argv[1:]:
+    d = json.load(open(path))
+    m = {r["variant"]: r for r in d["rows"]}
+    t = d.get("targets", {})
+    def cell(v):
+        return f"{m[v]['median_ms']:.1f} / {m[v]['loop_ms']:.1f}" if v in m else "-"
+    def f(k):
+        v = t.get(k)
+        return format(v, ".2f") if isinstance(v, float) else "-"
+    print(f"{os.path.basename(path)[:-5]:<8} {d['env'].get('device_name', '?')[:22]:<22} "
+          + " ".join(f"{cell(n):>18}" for n in names)
+          + f" {f('loop_speedup_vs_eager_guided'):>12} {f('e2e_speedup_vs_eager_guided'):>11} "
+          f"{f('e2e_speedup_vs_diffusers_unguided'):>15}")
 PYEOF
 }

@@ -164,3 +164,112 @@ def load_pair(student: str, teacher: str, *, info: PresetInfo | None = None, dev
         info = PresetInfo("custom", dict(cfg), (int(cfg.in_channels), ss, ss), 77, int(cfg.cross_attention_dim),
                           pooled, 0.0, s.config.time_cond_proj_dim, resolution=ss * 8)
     return ModelPair(UNetDenoiser(s), UNetDenoiser(t), info, torch.device(device), dtype)
+
+
+# ------------------------------------------------------------------------------------------------------
+# Whole random-weight pipelines (text encoder, tokenizer, VAE, UNets) from configs: no downloads.
+# ------------------------------------------------------------------------------------------------------
+# CLIP text encoders: "tiny" (width 32 = the tiny UNets' cross_attention_dim; 32 tokens, so the bench's
+# prompts of one token per character are not truncated, which diffusers would log per call) and "sd15"
+# (CLIP ViT-L/14's text tower: width 768, 12 layers, 77 tokens, as SD1.5 uses).
+TEXT_CONFIGS = {
+    "tiny": dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                 max_position_embeddings=32),
+    "sd15": dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+                 max_position_embeddings=77, hidden_act="quick_gelu"),
+}
+# AutoencoderKL configs: "tiny" (2 blocks: scale 2) and "sd15" (SD1.5's VAE: 4 blocks, scale 8).
+VAE_CONFIGS = {
+    "tiny": dict(block_out_channels=(8, 16), layers_per_block=1, norm_num_groups=8, sample_size=32),
+    "sd15": dict(block_out_channels=(128, 256, 512, 512), layers_per_block=2, norm_num_groups=32, sample_size=512),
+}
+
+
+def clip_byte_symbols() -> list[str]:
+    """CLIP's byte-to-unicode table: the 256 symbols a byte-level BPE vocabulary must hold."""
+    keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    extra = [b for b in range(256) if b not in keep]
+    return [chr(c) for c in keep] + [chr(256 + i) for i in range(len(extra))]
+
+
+def tiny_tokenizer(folder: str | os.PathLike, max_length: int = 8):
+    """A CLIPTokenizer over a small generated vocabulary (the 256 byte symbols alone and with ``</w>``,
+    and the two specials), written to ``folder``. Real prompts tokenize to one token per character: for
+    latency this matches a real vocabulary, whose cost does not depend on the vocabulary's size."""
+    import json
+
+    from transformers import CLIPTokenizer
+
+    chars = clip_byte_symbols()
+    vocab = chars + [c + "</w>" for c in chars] + ["<|startoftext|>", "<|endoftext|>"]
+    os.makedirs(folder, exist_ok=True)
+    vocab_path, merges_path = os.path.join(folder, "vocab.json"), os.path.join(folder, "merges.txt")
+    with open(vocab_path, "w") as f:
+        json.dump({t: i for i, t in enumerate(vocab)}, f)
+    with open(merges_path, "w") as f:
+        f.write("#version: 0.2\n")
+    return CLIPTokenizer(vocab_path, merges_path, model_max_length=max_length)
+
+
+def random_text_encoder(name: str = "tiny", *, vocab_size: int, seed: int = 0):
+    """A random-weight CLIPTextModel of ``TEXT_CONFIGS[name]`` (specials: the vocabulary's last two ids)."""
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    if name not in TEXT_CONFIGS:
+        raise ConfigError(f"no text encoder config {name!r}; pass one of {', '.join(TEXT_CONFIGS)}")
+    torch.manual_seed(seed)
+    cfg = CLIPTextConfig(vocab_size=vocab_size, projection_dim=TEXT_CONFIGS[name]["hidden_size"],
+                         bos_token_id=vocab_size - 2, eos_token_id=vocab_size - 1, pad_token_id=vocab_size - 1,
+                         **TEXT_CONFIGS[name])
+    return CLIPTextModel(cfg).eval().requires_grad_(False)
+
+
+def random_vae(name: str = "tiny", *, seed: int = 0):
+    """A random-weight AutoencoderKL of ``VAE_CONFIGS[name]`` (RGB, 4 latent channels)."""
+    from diffusers import AutoencoderKL
+
+    if name not in VAE_CONFIGS:
+        raise ConfigError(f"no VAE config {name!r}; pass one of {', '.join(VAE_CONFIGS)}")
+    cfg = VAE_CONFIGS[name]
+    n = len(cfg["block_out_channels"])
+    torch.manual_seed(seed)
+    return AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, down_block_types=("DownEncoderBlock2D",) * n,
+                         up_block_types=("UpDecoderBlock2D",) * n, **cfg).eval().requires_grad_(False)
+
+
+@dataclass
+class PipelineParts:
+    """The modules of a random-weight SD1.5-style LCM pipeline (all on one device and dtype)."""
+
+    student_unet: Any
+    teacher_unet: Any
+    vae: Any
+    tokenizer: Any
+    text_encoder: Any
+    info: PresetInfo
+
+
+def random_pipeline_parts(name: str = "tiny", folder: str | os.PathLike | None = None, *,
+                          device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
+                          force: bool = False, seed: int = 0) -> PipelineParts:
+    """UNets of preset ``name`` (tiny or sd15; the student with the LCM w-embedding), a CLIP text encoder
+    and VAE of the same name's configs, and a generated tokenizer written into ``folder`` (default: a
+    new temporary folder). Random weights: for latency and plumbing, not images."""
+    import tempfile
+
+    if name not in TEXT_CONFIGS:
+        raise ConfigError(f"random pipelines exist for presets {', '.join(TEXT_CONFIGS)}; got {name!r}")
+    info = preset_info(name)
+    device = torch.device(device)
+    if device.type == "cpu" and info.fp32_gb > 8 and not force:
+        raise ConfigError(f"preset {name!r} is too large for a CPU (pass --force to build it anyway)")
+    tok = tiny_tokenizer(folder or tempfile.mkdtemp(prefix="distpp_tokenizer_"),
+                         TEXT_CONFIGS[name]["max_position_embeddings"])
+    # weights are drawn on ``device`` itself: on a GPU the random init of SD1.5's ~2 B parameters runs
+    # there instead of on the host before a copy (the GPU check builds this once per end-to-end stage)
+    with torch.device(device):
+        modules = [_build_unet(info.unet_config, info.time_cond_proj_dim, seed + 1),
+                   _build_unet(info.unet_config, None, seed + 2),
+                   random_vae(name, seed=seed + 3), random_text_encoder(name, vocab_size=len(tok), seed=seed + 4)]
+    s, t, vae, enc = (_to(m, device, dtype) for m in modules)
+    return PipelineParts(s, t, vae, tok, enc, info)
