@@ -13,6 +13,7 @@ Ray is imported lazily: this package imports without it; :func:`build_app` raise
 from __future__ import annotations
 
 import importlib.util
+import os
 
 from ..errors import BackendUnavailableError
 from .conditioning import latent_b64, latent_image, png_bytes, prompt_cond
@@ -21,9 +22,12 @@ from .worker import SamplerWorker, group_indices
 
 
 def is_available() -> bool:
-    """True when Ray Serve (and starlette, which it brings) can be imported."""
-    return importlib.util.find_spec("ray") is not None and importlib.util.find_spec("ray.serve") is not None \
-        and importlib.util.find_spec("starlette") is not None
+    """True when Ray Serve (and starlette, which it brings) can be imported. Imports neither: a local Ray
+    reads its environment when ray is first imported (see distpp.serve.local_ray)."""
+    ray = importlib.util.find_spec("ray")
+    serve = ray is not None and any(os.path.isdir(os.path.join(loc, "serve"))
+                                    for loc in ray.submodule_search_locations or ())
+    return serve and importlib.util.find_spec("starlette") is not None
 
 
 def build_app(settings: ServeSettings):

@@ -1,6 +1,7 @@
 """``python -m distpp.serve``: start the Ray Serve deployment and serve HTTP until Ctrl-C.
 
-Without ``--address`` a local Ray instance is started (loopback HTTP on 127.0.0.1 by default); with
+Without ``--address`` a local Ray instance is started with every listener on 127.0.0.1 (see
+:mod:`distpp.serve.local_ray`; HTTP on 127.0.0.1 by default); with
 ``--address auto`` (or host:port) the deployment joins a running cluster (``ray start --head`` first).
 """
 
@@ -47,10 +48,15 @@ def main(argv=None) -> None:
         "family": a.family, "steps": a.steps, "guided_steps": a.guided_steps, "kernel_impl": a.kernel_impl,
         "weights": a.weights, "dtype": a.dtype, "warm": str(not a.no_warm)})
     from . import build_app
+    from .local_ray import init_local_ray
+
+    if a.address is None:
+        init_local_ray()  # before ray is imported: its listeners must all be on loopback
     import ray
     from ray import serve
 
-    ray.init(address=a.address, include_dashboard=False)
+    if a.address is not None:
+        ray.init(address=a.address, include_dashboard=False)
     serve.start(http_options={"host": a.host, "port": a.port})
     serve.run(build_app(settings), name=a.name, route_prefix=a.route_prefix)
     prefix = a.route_prefix.rstrip("/")
