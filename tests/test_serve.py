@@ -355,6 +355,233 @@ def test_served_png_health_and_errors(served):
         handle.sample.remote({"prompt": "x", "family": "flux"}).result(timeout_s=60)
 
 
+# --- service hardening (issue 13), on the same real deployment ------------------------------------------
+def process_rss_mib(title: str) -> dict[int, float]:
+    """{pid: resident MiB} of the processes whose command line starts with ``title`` (Ray names its
+    actor processes "ray::<ActorClass>...")."""
+    out = {}
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                if not f.read().startswith(title.encode()):
+                    continue
+            with open(f"/proc/{pid}/status") as f:
+                rss_kib = next(int(line.split()[1]) for line in f if line.startswith("VmRSS:"))
+        except (OSError, StopIteration):
+            continue
+        out[int(pid)] = rss_kib / 1024
+    return out
+
+
+REPLICA_TITLE = "ray::ServeReplica:distpp_test:SamplerDeployment"
+
+
+def post_large_body(base: str, path: str, total: int, chunked: bool, chunk: int = 1 << 20):
+    """POST ``total`` bytes (Content-Length, or chunked without a length) and stop sending as soon as the
+    server answers. Returns (status or None, body bytes, bytes sent)."""
+    import http.client
+    import select
+
+    host, port = base.split("//")[1].split(":")
+    s = socket.create_connection((host, int(port)), timeout=120)
+    framing = "Transfer-Encoding: chunked" if chunked else f"Content-Length: {total}"
+    s.sendall(f"POST {path} HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n{framing}\r\n"
+              "Expect: 100-continue\r\n\r\n".encode())
+    piece = b" " * chunk
+    frame = f"{chunk:x}\r\n".encode() + piece + b"\r\n" if chunked else piece
+    sent, answered = 0, False
+    try:
+        while sent < total:
+            readable, writable, _ = select.select([s], [s], [], 120)
+            if readable:
+                peek = s.recv(64, socket.MSG_PEEK)
+                if not peek.startswith(b"HTTP/1.1 100"):
+                    answered = True
+                    break
+                s.recv(len(peek.split(b"\r\n\r\n")[0]) + 4)  # drop "100 Continue"
+                continue
+            if writable:
+                s.sendall(frame)
+                sent += chunk
+        if not answered and chunked:
+            s.sendall(b"0\r\n\r\n")
+    except (BrokenPipeError, ConnectionResetError):
+        pass
+    try:
+        r = http.client.HTTPResponse(s)
+        r.begin()
+        return r.status, r.read(), sent
+    except (ConnectionResetError, http.client.HTTPException):
+        return None, b"", sent
+    finally:
+        s.close()
+
+
+def concurrent_http(base: str, calls: list[tuple[str, dict | None, bytes | None]], workers: int | None = None):
+    """Send (path, body, raw) calls at once; returns [(status, content-type, body)] in call order."""
+    with ThreadPoolExecutor(workers or len(calls)) as pool:
+        futs = [pool.submit(http, base, path, body, raw) for path, body, raw in calls]
+        return [f.result() for f in futs]
+
+
+def json_error(status: int, ctype: str, raw: bytes, codes) -> dict:
+    assert status in codes and ctype.startswith("application/json"), (status, ctype, raw[:300])
+    err = json.loads(raw)
+    assert set(err) >= {"error", "type"}, err
+    return err
+
+
+def health_of_all_replicas(base: str, n: int = 12) -> dict[str, dict]:
+    """GET /healthz until every replica answered once (Serve routes each call to one replica)."""
+    seen = {}
+    for _ in range(n):
+        status, _, raw = http(base, "/healthz")
+        assert status == 200, raw[:300]
+        h = json.loads(raw)
+        seen[h["replica"]] = h
+    return seen
+
+
+@pytest.mark.serve
+@pytest.mark.xfail(strict=True, reason="issue 13.1: a lone surrogate fails its whole batch with 500 and counts "
+                   "toward the replica's health")
+def test_poisoned_text_is_refused_and_spares_its_batch(served, worker):
+    _, base = served
+    before = health_of_all_replicas(base)
+    for trial in range(3):
+        good = [{"prompt": f"good {k}", "seed": 400 + 10 * trial + k, "output": "latent_b64"} for k in range(7)]
+        poison = {"prompt": "\ud800", "seed": 1} if trial != 1 else {"prompt": "ok", "negative_prompt": "x\udfff"}
+        calls = [("/sample", b, None) for b in good[:3]] + [("/sample", None, json.dumps(poison).encode())] + \
+            [("/sample", b, None) for b in good[3:]]
+        out = concurrent_http(base, calls)
+        err = json_error(*out[3], codes=(400,))
+        assert "surrogate" in err["error"], err
+        for b, (status, _, raw) in zip(good, out[:3] + out[4:]):
+            assert status == 200, (status, raw[:300])
+            j = json.loads(raw)
+            got = np.frombuffer(base64.b64decode(j["latent_b64"]), "<f4").reshape(j["shape"])
+            assert_close(got, reference(worker, parse_request(b, SETTINGS)), f"trial {trial} {b['prompt']}")
+    after = health_of_all_replicas(base)
+    assert set(after) == set(before), f"replicas replaced: {sorted(before)} -> {sorted(after)}"
+    assert all(h["consecutive_failures"] == 0 for h in after.values()), after
+
+
+@pytest.mark.serve
+@pytest.mark.xfail(strict=True, reason="issue 13.2: the body limit is checked after the whole body is read")
+@pytest.mark.parametrize("chunked", [False, True], ids=["content_length", "chunked"])
+def test_large_body_is_refused_without_being_read(served, chunked):
+    _, base = served
+    before = process_rss_mib(REPLICA_TITLE)
+    assert len(before) == SETTINGS.replicas, before
+    total = 256 << 20
+    status, raw, sent = post_large_body(base, "/sample", total, chunked)
+    after = process_rss_mib(REPLICA_TITLE)
+    assert status == 413, (status, raw[:300], sent)
+    assert "send at most" in json.loads(raw)["error"]
+    assert sent < total // 4, f"the client could send {sent} of {total} bytes: the server kept reading"
+    growth = {pid: after.get(pid, 0) - rss for pid, rss in before.items()}
+    assert max(growth.values()) <= 16, f"replica RSS grew by {growth} MiB"
+
+
+@pytest.mark.serve
+@pytest.mark.xfail(strict=True, reason="issue 13.3: deep nesting, huge integers and float overflow give a plain-text "
+                   "500 instead of a 400 JSON error")
+@pytest.mark.parametrize("raw, words", [
+    (b"[" * 30000, "not valid JSON"),
+    (b'{"prompt": "x", "seed": ' + b"7" * 5000 + b"}", "digits"),
+    (b'{"prompt": "x", "lam": 1' + b"0" * 400 + b"}", "lam"),
+    (b'{"prompt": "x", "cfg": 1' + b"0" * 400 + b"}", "cfg"),
+    (b'{"prompt": "x", "cfg": NaN}', "not valid JSON"),
+], ids=["nesting", "seed_digits", "lam_overflow", "cfg_overflow", "nan_literal"])
+def test_malformed_numbers_and_nesting_are_400_json(served, raw, words):
+    _, base = served
+    err = json_error(*http(base, "/sample", raw=raw), codes=(400,))
+    assert words in err["error"], err
+
+
+@pytest.mark.serve
+@pytest.mark.xfail(strict=True, reason="issue 13.4: cfg beyond float32 (1e39) answers 200 with an all-NaN latent")
+@pytest.mark.parametrize("output", ["latent", "latent_b64", "png"])
+def test_float32_overflow_is_never_a_success(served, output):
+    _, base = served
+    err = json_error(*http(base, "/sample", {"prompt": "x", "cfg": 1e39, "output": output}), codes=(400,))
+    assert "cfg" in err["error"], err
+    # cfg = 1e38 is a float32 but overflows inside the guidance math: an error answer, never a 200.
+    status, ctype, raw = http(base, "/sample", {"prompt": "x", "cfg": 1e38, "lam": 1.0, "output": output})
+    err = json_error(status, ctype, raw, codes=(422,))
+    assert "not finite" in err["error"], err
+
+
+@pytest.mark.serve
+@pytest.mark.xfail(strict=True, reason="issue 13.5: no backpressure: every request queues, and max-cost requests "
+                   "block normal ones")
+def test_backpressure_and_cost_bound(served):
+    _, base = served
+    # A flood beyond what the replicas hold and the proxy may queue: the excess is refused at once with
+    # Serve's backpressure answer (503 + Retry-After), everything admitted succeeds.
+    flood = concurrent_http(base, [("/sample", {"prompt": f"flood {i}", "seed": i}, None) for i in range(48)])
+    codes = [s for s, _, _ in flood]
+    assert set(codes) <= {200, 503} and codes.count(503) > 0 and codes.count(200) >= 8, codes
+    # Max-cost requests (ddim, max_steps) next to normal ones: beyond the in-flight cost bound they get a
+    # 503 with Retry-After instead of queueing ahead of everyone; the normal requests are served.
+    heavy = [("/sample", {"prompt": "heavy", "seed": i, "family": "ddim", "steps": SETTINGS.max_steps,
+                          "guided_steps": SETTINGS.max_steps}, None) for i in range(6)]
+    normal = [("/sample", {"prompt": "normal", "seed": i}, None) for i in range(4)]
+    out = concurrent_http(base, heavy + normal)
+    heavy_codes, normal_codes = [s for s, _, _ in out[:6]], [s for s, _, _ in out[6:]]
+    assert heavy_codes.count(503) > 0 and set(heavy_codes) <= {200, 503}, heavy_codes
+    assert normal_codes == [200] * 4, [(s, raw[:200]) for s, _, raw in out[6:]]
+    rejected = next(raw for s, _, raw in out[:6] if s == 503)
+    assert json.loads(rejected)["type"] == "Overloaded"
+
+
+@pytest.mark.serve
+@pytest.mark.xfail(strict=True, reason="issue 13 must-show: the HTTP fuzz finds 500s and non-finite successes")
+def test_http_fuzz_never_500(served):
+    """Hypothesis fuzz of POST /sample (bounded count and time): every answer is a 200 with a finite
+    result, a 4xx JSON error, or Serve's 503 backpressure answer."""
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    _, base = served
+    text = st.one_of(st.text(max_size=20), st.sampled_from(["\ud800", "a\udfffb", "\x00", "é" * 3000]))
+    number = st.one_of(st.integers(-3, 60), st.integers(), st.floats(allow_nan=True, allow_infinity=True),
+                       st.sampled_from([10**400, 1e38, 1e39, -0.0, 2**32, True]))
+    value = st.one_of(text, number, st.none(), st.lists(st.integers(), max_size=3))
+    field = st.sampled_from(["prompt", "negative_prompt", "seed", "lam", "cfg", "family", "steps", "guided_steps",
+                             "output", "bogus"])
+    family = st.sampled_from(["lcm", "dmd2", "euler", "euler_a", "ddim", "flux"])
+    body = st.fixed_dictionaries({"prompt": text}, optional={
+        "seed": number, "lam": number, "cfg": number, "steps": st.integers(0, 6), "guided_steps": st.integers(-1, 6),
+        "family": family, "output": st.sampled_from(["latent", "latent_b64", "png", "jpeg"]),
+        "negative_prompt": text}).flatmap(lambda d: st.dictionaries(field, value, max_size=2).map(
+            lambda extra: {**d, **extra}))
+    raw = st.one_of(body.map(lambda d: json.dumps(d).encode()), st.binary(max_size=64),
+                    st.integers(1, 40000).map(lambda n: b"[" * n), st.just(b'{"prompt": "x", "seed": 1e400}'))
+
+    @settings(max_examples=60, deadline=None, database=None, suppress_health_check=list(HealthCheck))
+    @given(raw)
+    def check(data):
+        status, ctype, out = http(base, "/sample", raw=data)
+        if status == 200:
+            if ctype == "image/png":
+                assert out[:8] == b"\x89PNG\r\n\x1a\n"
+                return
+            j = json.loads(out)
+            lat = np.frombuffer(base64.b64decode(j["latent_b64"]), "<f4") if "latent_b64" in j else \
+                np.asarray(j["latent"], dtype=np.float32)
+            assert np.isfinite(lat).all(), data[:200]
+        elif status == 503:
+            return
+        else:
+            assert 400 <= status < 500 and ctype.startswith("application/json"), (status, out[:300], data[:200])
+            assert set(json.loads(out)) >= {"error", "type"}
+
+    check()
+    assert all(h["consecutive_failures"] == 0 for h in health_of_all_replicas(base).values())
+
+
+# --- last: it replaces a replica ---------------------------------------------------------------------
 @pytest.mark.serve
 def test_served_replica_failure_keeps_other_requests(served, worker):
     """Kill one replica while requests are in flight: only requests it held may fail; every other
