@@ -8,13 +8,18 @@ Python handle API: ``handle.sample.remote({"prompt": ..., "seed": ...}).result()
 ``ConfigError`` / ``InputError`` (``ValueError``) to the caller.
 HTTP (route prefix ``/`` unless given): ``POST /sample`` with a JSON request (see SampleRequest) ->
 JSON latent (``output`` "latent" or "latent_b64") or an image/png (``output`` "png"); ``GET /healthz``
--> replica status. Bad requests get 400 with ``{"error": message, "type": error class}``.
+-> replica status. Every error is a JSON ``{"error": message, "type": error class}``: 400 for a bad
+request, 413 for a body over 64 KiB (refused on its Content-Length, or when a chunked body reaches the
+cap), 422 for settings whose result is not finite, 503 + Retry-After when the replica's in-flight cost
+bound is reached (Serve's own 503 + Retry-After when its queue at the caller is full), 500 only for
+failures of the server itself.
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
+import math
+import os
 from typing import Any
 
 import numpy as np
@@ -24,10 +29,10 @@ from starlette.responses import JSONResponse, Response
 
 from ..errors import ConfigError, DistppError, InputError
 from .conditioning import latent_b64, png_bytes
+from .http import MAX_BODY_BYTES, Overloaded, content_length, error_body, parse_json, read_body, status_of
 from .request import SampleRequest, ServeSettings, parse_request, settings_from_strings
-from .worker import SamplerWorker
+from .worker import CostGate, SamplerWorker
 
-MAX_BODY_BYTES = 64 * 1024  # two prompts of MAX_PROMPT_CHARS plus fields, with room to spare
 # Health: a replica whose sampling calls keep failing for reasons other than bad requests (a lost GPU,
 # a corrupt engine) reports unhealthy so Serve replaces it; one transient failure does not.
 UNHEALTHY_AFTER_FAILURES = 3
@@ -51,6 +56,8 @@ class SamplerDeployment:
         self.sample_batch.set_batch_wait_timeout_s(settings.batch_wait_timeout_s)
         self.replica = serve.get_replica_context().replica_id.unique_id
         self._failures = 0
+        _, h, w = self.worker.latent_shape
+        self.gate = CostGate(settings.resolved_max_inflight_cost(h * w))
 
     # --- batching ------------------------------------------------------------------------------------
     @serve.batch
@@ -58,12 +65,24 @@ class SamplerDeployment:
         # The sampling call runs in a thread so the replica's event loop keeps queueing requests and
         # answering health checks meanwhile; Serve runs one batch at a time (max_concurrent_batches=1).
         results = await asyncio.to_thread(self.worker.run_batch, reqs)
+        # Only failures that are not the request's fault count toward health: bad requests are refused
+        # before batching, and run_batch isolates a request that still breaks its call.
         unexpected = [r for r in results if isinstance(r, Exception) and not isinstance(r, DistppError)]
         self._failures = self._failures + 1 if unexpected else 0
         return [(r, len(reqs)) for r in results]
 
     async def _run(self, req: SampleRequest) -> tuple[np.ndarray, int]:
-        result, batch = await self.sample_batch(req)
+        """Admit by cost, then sample in a batch; raises the request's own error (Overloaded when the
+        replica's in-flight cost bound is reached)."""
+        cost = self.worker.cost(req)
+        if not self.gate.admit(cost):
+            raise Overloaded(f"this replica holds {self.gate.inflight} of its {self.gate.budget} in-flight cost "
+                             f"(UNet rows x latent pixels) and this request adds {cost}; retry after "
+                             f"{self.settings.retry_after_s:g} s, or ask for fewer steps")
+        try:
+            result, batch = await self.sample_batch(req)
+        finally:
+            self.gate.release(cost)
         if isinstance(result, Exception):
             raise result
         return result, batch
@@ -79,7 +98,9 @@ class SamplerDeployment:
         w = self.worker
         return {"status": "ok", "replica": self.replica, "preset": self.settings.preset, "device": str(w.device),
                 "latent_shape": list(w.latent_shape), "max_batch_size": self.settings.max_batch_size,
-                "batch_wait_timeout_s": self.settings.batch_wait_timeout_s}
+                "batch_wait_timeout_s": self.settings.batch_wait_timeout_s,
+                "consecutive_failures": self._failures, "inflight_cost": self.gate.inflight,
+                "max_inflight_cost": self.gate.budget, "pid": os.getpid()}
 
     def check_health(self) -> None:
         """Called by Serve periodically; raising marks the replica unhealthy and Serve replaces it."""
@@ -96,26 +117,15 @@ class SamplerDeployment:
         if path == "/healthz" and http.method == "GET":
             return JSONResponse(self.health())
         if path != "/sample":
-            return _error(404, InputError(f"no route {http.method} {path}; use POST /sample or GET /healthz"))
+            return _error(InputError(f"no route {http.method} {path}; use POST /sample or GET /healthz"), 404)
         if http.method != "POST":
-            return _error(405, InputError(f"{path} takes POST with a JSON body, got {http.method}"))
-        body = await http.body()
-        if len(body) > MAX_BODY_BYTES:
-            return _error(413, InputError(f"request body is {len(body)} bytes; send at most {MAX_BODY_BYTES}"))
+            return _error(InputError(f"{path} takes POST with a JSON body, got {http.method}"), 405)
         try:
-            data = json.loads(body)
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            return _error(400, InputError(f"the body is not valid JSON ({e}); send e.g. {{\"prompt\": \"a cat\"}}"))
-        try:
-            req = parse_request(data, self.settings)
-        except DistppError as e:
-            return _error(400, e)
-        try:
+            body = await read_body(content_length(http.scope.get("headers", [])), http.stream(), MAX_BODY_BYTES)
+            req = parse_request(parse_json(body), self.settings)
             latent, batch = await self._run(req)
-        except DistppError as e:  # settings the sampler itself refuses: still the request's fault
-            return _error(400, e)
-        except Exception as e:  # noqa: BLE001 - anything else is the server's fault: 500 with its message
-            return _error(500, e)
+        except Exception as e:  # noqa: BLE001 - every error is an answer: 4xx the request's, 503 load, 500 ours
+            return _error(e, retry_after_s=self.settings.retry_after_s)
         meta = {"seed": req.seed, "replica": self.replica, "batch_size": batch}
         if req.output == "png":
             return Response(png_bytes(latent), media_type="image/png",
@@ -128,8 +138,10 @@ class SamplerDeployment:
         return JSONResponse(out)
 
 
-def _error(status: int, e: Exception) -> JSONResponse:
-    return JSONResponse({"error": str(e), "type": type(e).__name__}, status_code=status)
+def _error(e: Exception, status: int | None = None, retry_after_s: float = 1.0) -> JSONResponse:
+    status = status or status_of(e)
+    headers = {"retry-after": str(math.ceil(retry_after_s))} if status == 503 else None
+    return JSONResponse(error_body(e), status_code=status, headers=headers)
 
 
 def build_app(settings: ServeSettings) -> serve.Application:
@@ -142,10 +154,14 @@ def build_app(settings: ServeSettings) -> serve.Application:
         raise ConfigError("device='cuda' needs GPUs per replica; pass gpus_per_replica=1 (or device='auto')")
     if settings.device == "cpu":
         gpus = 0
+    from ray.serve.config import BackpressureConfig
+
     return SamplerDeployment.options(
         num_replicas=settings.replicas,
         ray_actor_options={"num_cpus": settings.cpus_per_replica, "num_gpus": gpus},
         max_ongoing_requests=settings.resolved_max_ongoing_requests,
+        max_queued_requests=settings.resolved_max_queued_requests,
+        backpressure_config=BackpressureConfig(status_code=503, retry_after_s=settings.retry_after_s),
     ).bind(settings)
 
 

@@ -19,6 +19,7 @@ import os
 import sys
 
 from ..errors import ConfigError
+from .http import PROXY_CALLBACK_ENV
 
 LOOPBACK = "127.0.0.1"
 # Read by every Ray process at import: set before ray is imported (children inherit the environment).
@@ -26,7 +27,8 @@ LOCAL_RAY_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_USAGE_STATS_ENAB
 
 
 def init_local_ray(**kwargs):
-    """``ray.init`` of a fresh single-machine instance on 127.0.0.1, dashboard and usage stats off.
+    """``ray.init`` of a fresh single-machine instance on 127.0.0.1, dashboard and usage stats off, and
+    the Serve HTTP proxy's body limit configured (it starts later, with this environment).
 
     kwargs: other ``ray.init`` arguments (num_cpus, log_to_driver, ...). Raises ConfigError when ray was
     imported before this call could set its environment, or when the node still is not on loopback.
@@ -38,6 +40,7 @@ def init_local_ray(**kwargs):
                           "external address; call init_local_ray before importing ray, or export "
                           "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 RAY_USAGE_STATS_ENABLED=0")
     os.environ.update(LOCAL_RAY_ENV)
+    os.environ.update(PROXY_CALLBACK_ENV)  # the HTTP proxy's body limit (distpp.serve.http)
     import ray
 
     ctx = ray.init(address="local", _node_ip_address=LOOPBACK, include_dashboard=False, **kwargs)

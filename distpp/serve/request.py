@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, fields
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
-from ..config import DEFAULT_LAM, SamplerConfig
+import numpy as np
+
+from ..config import DEFAULT_LAM, SamplerConfig, check_cfg, check_lam
 from ..errors import ConfigError, InputError
-from ..schedules import FAMILIES
+from ..schedules import check_family
 
 OUTPUTS = ("latent", "latent_b64", "png")
 DTYPES = ("float32", "float16", "bfloat16")
@@ -46,6 +48,14 @@ class ServeSettings:
     weights:              a local folder with student/ and teacher/ diffusers UNets (None: the preset's
                           random weights); must exist on every node that runs a replica.
     dtype:                model dtype: float32, float16 (GPU only) or bfloat16.
+    max_queued_requests:  requests Serve queues at each caller (the HTTP proxy, a handle) beyond what the
+                          replicas hold; the excess is refused at once with Serve's backpressure answer
+                          (HTTP 503 + Retry-After). None: replicas * max_ongoing_requests; -1: unbounded.
+    retry_after_s:        the Retry-After of those 503s and of the cost bound's.
+    max_inflight_cost:    bound on one replica's admitted work, in UNet rows x latent pixels (a request
+                          costs (steps + 2 guided_steps) * latent H * W): a request that would exceed it
+                          while others are in flight gets a 503 + Retry-After instead of queueing behind
+                          them. None: one max_steps request (all guided) plus two full default batches.
     """
 
     preset: str = "tiny"
@@ -64,6 +74,9 @@ class ServeSettings:
     warm: bool = True
     weights: str | None = None
     dtype: str = "float32"
+    max_queued_requests: int | None = None
+    retry_after_s: float = 1.0
+    max_inflight_cost: int | None = None
 
     def __post_init__(self):
         from ..presets import preset_info
@@ -76,6 +89,14 @@ class ServeSettings:
         mor, wait = self.max_ongoing_requests, self.batch_wait_timeout_s
         if mor is not None and (not _is_int(mor) or mor < 1):
             raise ConfigError(f"max_ongoing_requests must be an integer >= 1 or None, got {mor!r}")
+        mq = self.max_queued_requests
+        if mq is not None and (not _is_int(mq) or not (mq == -1 or mq >= 1)):
+            raise ConfigError(f"max_queued_requests must be an integer >= 1, -1 (unbounded) or None, got {mq!r}")
+        if not _is_number(self.retry_after_s) or not (0 <= self.retry_after_s <= 3600):
+            raise ConfigError(f"retry_after_s must be seconds in [0, 3600], got {self.retry_after_s!r}")
+        mc = self.max_inflight_cost
+        if mc is not None and (not _is_int(mc) or mc < 1):
+            raise ConfigError(f"max_inflight_cost must be an integer >= 1 or None (auto), got {mc!r}")
         if not _is_number(wait) or not (0 <= wait <= 60):
             raise ConfigError(f"batch_wait_timeout_s must be seconds in [0, 60] (e.g. 0.01), got {wait!r}")
         if self.device not in ("auto", "cpu", "cuda"):
@@ -97,6 +118,17 @@ class ServeSettings:
     @property
     def resolved_max_ongoing_requests(self) -> int:
         return self.max_ongoing_requests or 2 * self.max_batch_size
+
+    @property
+    def resolved_max_queued_requests(self) -> int:
+        return self.max_queued_requests or self.replicas * self.resolved_max_ongoing_requests
+
+    def resolved_max_inflight_cost(self, latent_hw: int) -> int:
+        """The cost bound for latents of ``latent_hw`` pixels (H * W)."""
+        if self.max_inflight_cost is not None:
+            return self.max_inflight_cost
+        heaviest = request_cost(self.max_steps, self.max_steps, latent_hw)
+        return heaviest + 2 * self.max_batch_size * request_cost(self.steps, self.guided_steps, latent_hw)
 
     def default_config(self) -> SamplerConfig:
         return SamplerConfig(family=self.family, steps=self.steps, guided_steps=self.guided_steps,
@@ -137,6 +169,12 @@ class SampleRequest:
                              kernel_impl=kernel_impl)
 
 
+def request_cost(steps: int, guided_steps: int, latent_hw: int) -> int:
+    """Work of one sample: UNet rows (one student row per step, two teacher rows per guided step)
+    times latent pixels."""
+    return (steps + 2 * guided_steps) * latent_hw
+
+
 def parse_request(body: Any, settings: ServeSettings) -> SampleRequest:
     """Validate a request dict against ``settings``; raises ConfigError / InputError (ValueError)."""
     if not isinstance(body, Mapping):
@@ -149,25 +187,22 @@ def parse_request(body: Any, settings: ServeSettings) -> SampleRequest:
     negative = _string(body, "negative_prompt", "")
     seed = body.get("seed", 0)
     if not _is_int(seed) or not (0 <= seed < MAX_SEED):
-        raise InputError(f"seed must be an integer in [0, 2**32), got {seed!r}")
+        raise InputError(f"seed must be an integer in [0, 2**32), got {_show(seed)}")
     family = body.get("family", settings.family)
-    if family not in FAMILIES:
-        raise ConfigError(f"unknown family {family!r}; pass one of {', '.join(FAMILIES)}")
+    if not isinstance(family, str):
+        raise ConfigError(f"family must be a string, got {type(family).__name__}")
+    check_family(family)
     steps = body.get("steps", settings.steps)
     if not _is_int(steps) or not (1 <= steps <= settings.max_steps):
-        raise ConfigError(f"steps must be an integer in [1, {settings.max_steps}], got {steps!r}")
+        raise ConfigError(f"steps must be an integer in [1, {settings.max_steps}], got {_show(steps)}")
     guided = body.get("guided_steps", min(settings.guided_steps, steps))
     if not _is_int(guided) or not (0 <= guided <= steps):
-        raise ConfigError(f"guided_steps must be an integer in [0, steps={steps}], got {guided!r}")
-    lam = body.get("lam", DEFAULT_LAM[family])
-    if not _is_number(lam) or not (0.0 <= lam <= 1.0):
-        raise ConfigError(f"lam must be a number in [0, 1] (0 = no guidance; paper defaults 0.01-0.1), got {lam!r}")
-    cfg = body.get("cfg", 7.5)
-    if not _is_number(cfg) or cfg < 0:
-        raise ConfigError(f"cfg (the teacher's CFG scale) must be a finite number >= 0 (default 7.5), got {cfg!r}")
+        raise ConfigError(f"guided_steps must be an integer in [0, steps={steps}], got {_show(guided)}")
+    lam = float32_setting("lam", body.get("lam", DEFAULT_LAM[family]), check_lam)
+    cfg = float32_setting("cfg", body.get("cfg", 7.5), check_cfg)
     output = body.get("output", "latent")
     if output not in OUTPUTS:
-        raise InputError(f"output must be one of {', '.join(OUTPUTS)}, got {output!r}")
+        raise InputError(f"output must be one of {', '.join(OUTPUTS)}, got {_show(output)}")
     return SampleRequest(prompt=prompt, negative_prompt=negative, seed=int(seed), lam=float(lam), cfg=float(cfg),
                          family=family, steps=int(steps), guided_steps=int(guided), output=output)
 
@@ -182,7 +217,38 @@ def _string(body: Mapping, name: str, default: str | None) -> str:
         raise InputError(f"{name} must be a string, got {type(v).__name__}")
     if len(v) > MAX_PROMPT_CHARS:
         raise InputError(f"{name} has {len(v)} characters; pass at most {MAX_PROMPT_CHARS}")
+    try:
+        v.encode("utf-8")  # what the text encoders (and the prompt hash) do with it, later, in a batch
+    except UnicodeEncodeError as e:
+        raise InputError(f"{name} holds a lone surrogate {v[e.start]!r} at character {e.start}, which is not "
+                         "text; send valid Unicode (in JSON, \\ud83d\\ude00 pairs, never one half)") from None
     return v
+
+
+def float32_setting(name: str, v: Any, check: Callable[[float], float]) -> float:
+    """A per-sample scale (lam, cfg) as the sampler holds it: a float32 number that ``check``
+    (distpp.config's check_lam / check_cfg) accepts after the cast. 1e39 is finite as a double and inf
+    as a float32, and 10**400 does not convert at all: both are refused here, by name."""
+    if not _is_real(v):
+        check(v)  # junk (a string, None, a list): the config's own message
+        raise ConfigError(f"{name} must be a number, got {type(v).__name__} {_show(v)}")
+    try:
+        f = float(v)
+        with np.errstate(over="ignore"):
+            f32 = float(np.float32(f))
+    except OverflowError:
+        f = f32 = math.inf
+    if not math.isfinite(f32) and not (isinstance(v, float) and not math.isfinite(v)):
+        raise ConfigError(f"{name}={_show(v)} overflows float32 (largest {float(np.finfo(np.float32).max):.6g}), "
+                          "the sampler's precision; pass a number in its range")
+    check(f32)  # the value the sampler will hold (inf / nan get the config's own message)
+    return check(f)
+
+
+def _show(v: Any, n: int = 40) -> str:
+    """repr of a value, cut to ``n`` characters (a 5000-digit number is not echoed whole)."""
+    r = repr(v) if not (isinstance(v, int) and abs(v) > 10**30) else f"an integer of {len(str(abs(v)))} digits"
+    return r if len(r) <= n else r[:n] + f"... ({len(r)} characters)"
 
 
 def _is_int(v: Any) -> bool:
@@ -190,14 +256,19 @@ def _is_int(v: Any) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
 
+def _is_real(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
 def _is_number(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+    return _is_real(v) and math.isfinite(v)
 
 
 # Non-string ServeSettings fields, for settings given as strings (CLI flags, ``serve run`` key=value args).
 _SETTING_TYPES = {"replicas": int, "max_batch_size": int, "max_ongoing_requests": int, "steps": int,
                   "guided_steps": int, "max_steps": int, "batch_wait_timeout_s": float, "gpus_per_replica": float,
-                  "cpus_per_replica": float, "warm": bool}
+                  "cpus_per_replica": float, "warm": bool, "max_queued_requests": int, "retry_after_s": float,
+                  "max_inflight_cost": int}
 
 
 def settings_from_strings(args: Mapping[str, Any]) -> ServeSettings:
@@ -218,7 +289,8 @@ def _convert(name: str, value: Any) -> Any:
     kind = _SETTING_TYPES.get(name)
     if kind is None:
         return value
-    if v == "none" and name in ("max_ongoing_requests", "gpus_per_replica"):
+    if v == "none" and name in ("max_ongoing_requests", "gpus_per_replica", "max_queued_requests",
+                                "max_inflight_cost"):
         return None
     if kind is bool:
         if v not in ("true", "false", "1", "0"):
