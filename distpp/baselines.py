@@ -21,7 +21,7 @@ import torch
 from diffusers.utils.torch_utils import randn_tensor
 
 from .config import SamplerConfig
-from .denoiser import Cond, prepare_cond
+from .denoiser import Cond, as_denoiser
 from .sampler import GUIDANCE_SEED_OFFSET, make_generators
 from .schedules import build_schedule, make_scheduler
 
@@ -65,10 +65,11 @@ def baseline_sample(student, teacher, config: SamplerConfig, cond: Cond, uncond:
     acp = sched.alphas_cumprod.to(device)
     T, N = sched.config.num_train_timesteps, len(sched.timesteps)
     euler = fam in ("euler", "euler_a")
-    cond_s = prepare_cond(student, cond.to(device, dtype))
+    student, teacher = as_denoiser(student), as_denoiser(teacher)
+    cond_s = student.prepare(cond.to(device, dtype))
     cond_t = None
     if G > 0:
-        cond_t = prepare_cond(teacher, Cond.cat(uncond.expand(B), cond).to(device, teacher_dtype))
+        cond_t = teacher.prepare(Cond.cat(uncond.expand(B), cond).to(device, teacher_dtype))
     mode = contextlib.nullcontext() if research else torch.inference_mode()
     lap = timer.lap if timer is not None else (lambda stage: None)
     with mode:

@@ -161,7 +161,9 @@ def build_variants(args, pair, device, dtype) -> tuple[list[Variant], dict]:
             from .backends.compile import CompileConfig
 
             kw["compile"] = CompileConfig(mode=args.compile_mode, backend=args.compile_backend)
-        student, teacher, backend = make_pair(pair, args.backend, batch=B, **kw)
+        student, teacher, backend = make_pair(pair.student, pair.teacher, args.backend, batch=B,
+                                              resolutions=(tuple(pair.info.latent_shape[1:]),),
+                                              tokens=pair.info.tokens, device=device, **kw)
     shape = pair.info.latent_shape
     seeds = list(range(B))
     base = dict(family=args.family, steps=args.steps, lam=args.lam, cfg=args.cfg, kernel_impl=args.kernel_impl)

@@ -1,4 +1,4 @@
-"""The Denoiser protocol and the diffusers UNet adapter.
+"""The Denoiser protocol, its capability base class, and the diffusers UNet adapter.
 
 A model is any callable ``(x, t, cond) -> prediction``:
   x:    [batch, C, H, W] model input in the model's dtype, already scaled to VP variables
@@ -7,9 +7,9 @@ A model is any callable ``(x, t, cond) -> prediction``:
   cond: a :class:`Cond` whose tensors have ``batch`` rows;
   returns [batch, C, H, W] (epsilon, v or x0 as the model's prediction type says), any float dtype.
 
-Optional attributes a sampler uses when present: ``spec`` (a :class:`ModelSpec`, for input validation
-before anything runs) and ``prepare(cond) -> Cond`` (called once per sampling call, before the loop, to
-add model-specific conditioning such as LCM's guidance-scale embedding).
+What a caller relies on beyond the call (``spec``, ``capturable``, ``reuses_output``, ``prepare``,
+``close``) is declared on :class:`DenoiserBase` with defaults; adapters subclass it, and
+:func:`as_denoiser` wraps any other callable once (docs/ARCHITECTURE.md, "Denoiser protocol").
 """
 
 from __future__ import annotations
@@ -90,13 +90,74 @@ class Denoiser(Protocol):
     def __call__(self, x: torch.Tensor, t: torch.Tensor, cond: Cond) -> torch.Tensor: ...
 
 
-def spec_of(model: Any) -> ModelSpec:
-    return getattr(model, "spec", None) or ModelSpec()
+class DenoiserBase:
+    """Base of every distpp Denoiser: the capabilities callers rely on, as class attributes with defaults.
+
+    spec:          what the model accepts (validated before anything runs; None fields are not checked).
+    capturable:    False for a model whose forward synchronizes the host (ONNX Runtime): a GraphRunner
+                   then runs its loops eagerly over the static buffers.
+    reuses_output: True when the returned tensor is a buffer the next call overwrites (TensorRT): the
+                   student and teacher must then be distinct objects.
+    prepare(cond): called once per sampling call, before the loop (default: ``cond`` unchanged).
+    close():       release sessions / engines (default: nothing to release).
+    """
+
+    spec: ModelSpec = ModelSpec()
+    capturable: bool = True
+    reuses_output: bool = False
+
+    @property
+    def name(self) -> str:
+        """A label for messages and graph keys: the model's class name."""
+        return type(self).__name__
+
+    def prepare(self, cond: Cond) -> Cond:
+        return cond
+
+    def close(self) -> None:
+        return None
+
+    def __call__(self, x: torch.Tensor, t: torch.Tensor, cond: Cond) -> torch.Tensor:
+        raise NotImplementedError(f"{type(self).__name__} must implement __call__(x, t, cond)")
 
 
-def prepare_cond(model: Any, cond: Cond) -> Cond:
-    prep = getattr(model, "prepare", None)
-    return prep(cond) if prep is not None else cond
+class CallableDenoiser(DenoiserBase):
+    """A plain callable (an analytic test model, a lambda, a user's function) as a DenoiserBase.
+
+    Its ``spec`` and ``prepare``, when it has them, are read once here; the capability flags keep the
+    base class defaults unless the callable declares them (an object with ``capturable = False``).
+    """
+
+    def __init__(self, fn):
+        if not callable(fn):
+            raise ConfigError(f"a Denoiser must be a callable (x, t, cond) -> prediction, got {type(fn).__name__}")
+        self.fn = fn
+        self.spec = getattr(fn, "spec", None) or ModelSpec()
+        self.capturable = bool(getattr(fn, "capturable", True))
+        self.reuses_output = bool(getattr(fn, "reuses_output", False))
+        self._prepare = getattr(fn, "prepare", None)
+        self._close = getattr(fn, "close", None)
+
+    @property
+    def name(self) -> str:
+        return type(self.fn).__name__
+
+    def prepare(self, cond: Cond) -> Cond:
+        return self._prepare(cond) if self._prepare is not None else cond
+
+    def close(self) -> None:
+        if self._close is not None:
+            self._close()
+
+    def __call__(self, x, t, cond):
+        return self.fn(x, t, cond)
+
+
+def as_denoiser(model: Any) -> DenoiserBase | None:
+    """``model`` itself when it is a DenoiserBase (or None), else the callable wrapped once."""
+    if model is None or isinstance(model, DenoiserBase):
+        return model
+    return CallableDenoiser(model)
 
 
 def check_cond(who: str, spec: ModelSpec, cond: Cond, batch: int | None) -> None:
@@ -165,7 +226,7 @@ def sdxl_time_ids(height: float, width: float, rows: int, device=None) -> torch.
     return row.expand(rows, SDXL_TIME_IDS).contiguous()
 
 
-class UNetDenoiser:
+class UNetDenoiser(DenoiserBase):
     """Adapter from a diffusers ``UNet2DConditionModel`` to the Denoiser protocol.
 
     Handles SD1.5-style (encoder states only) and SDXL-style (``text_time``: pooled text_embeds and
@@ -202,14 +263,21 @@ class UNetDenoiser:
         return replace(cond, timestep_cond=emb)
 
     def __call__(self, x: torch.Tensor, t: torch.Tensor, cond: Cond) -> torch.Tensor:
-        added = None
-        if self.spec.text_embeds_dim is not None:
-            added = {"text_embeds": cond.text_embeds, "time_ids": cond.time_ids}
-        return self.unet(x, t, encoder_hidden_states=cond.encoder_hidden_states,
-                         timestep_cond=cond.timestep_cond, added_cond_kwargs=added, return_dict=False)[0]
+        return unet_forward(self.unet, x, t, cond)
 
 
-class CFGDenoiser:
+def unet_forward(unet, x: torch.Tensor, t: torch.Tensor, cond: Cond) -> torch.Tensor:
+    """One diffusers UNet2DConditionModel call (``unet`` may be compiled or wrapped) -> [b, C, H, W]:
+    SDXL-style ``added_cond_kwargs`` when ``cond`` carries pooled text_embeds, LCM's timestep_cond as is.
+    The one place the eager, compile and ONNX-export paths call a UNet."""
+    added = None
+    if cond.text_embeds is not None:
+        added = {"text_embeds": cond.text_embeds, "time_ids": cond.time_ids}
+    return unet(x, t, encoder_hidden_states=cond.encoder_hidden_states, timestep_cond=cond.timestep_cond,
+                added_cond_kwargs=added, return_dict=False)[0]
+
+
+class CFGDenoiser(DenoiserBase):
     """A Denoiser with classifier-free guidance: one batch-2b forward of ``model`` on [uncond; cond],
     combined as m_u + scale * (m_c - m_u). For students that are run with CFG on request (ALGORITHM.md:
     distilled students run without CFG by default). It concatenates its inputs each call, so unlike the
@@ -222,16 +290,17 @@ class CFGDenoiser:
     def __init__(self, model, scale: float, uncond: Cond):
         from .config import check_cfg
 
-        self.model, self.scale = model, check_cfg(scale)
+        self.model, self.scale = as_denoiser(model), check_cfg(scale)
         self.uncond = uncond
-        self.spec = getattr(model, "spec", None)
+        self.spec = self.model.spec
+        self.capturable = False  # the uncond rows are prepared (host-to-device copy) on every call
 
     def prepare(self, cond: Cond) -> Cond:
-        return prepare_cond(self.model, cond)
+        return self.model.prepare(cond)
 
     def __call__(self, x: torch.Tensor, t: torch.Tensor, cond: Cond) -> torch.Tensor:
         b = x.shape[0]
-        unc = prepare_cond(self.model, self.uncond.expand(b).to(x.device, cond.encoder_hidden_states.dtype))
+        unc = self.model.prepare(self.uncond.expand(b).to(x.device, cond.encoder_hidden_states.dtype))
         out = self.model(torch.cat([x, x]), torch.cat([t, t]), Cond.cat(unc, cond))
         mu, mc = out[:b], out[b:]
         return torch.lerp(mu, mc, self.scale) if self.scale != 1.0 else mc

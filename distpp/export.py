@@ -22,10 +22,11 @@ from typing import Any
 
 import torch
 
-from .backends.plan import (BATCH, DTYPE_NAMES, HEIGHT, OUTPUT, SAMPLE, WIDTH, input_names, onnx_key,
+from .backends.plan import (BATCH, HEIGHT, OUTPUT, SAMPLE, WIDTH, input_names, onnx_key,
                             weights_hash)
 from .cache import ArtifactCache
-from .denoiser import UNetDenoiser
+from .denoiser import Cond, UNetDenoiser, unet_forward
+from .dtypes import parse_dtype
 from .errors import BackendUnavailableError, ConfigError
 
 ONNX_FILE = "model.onnx"
@@ -71,7 +72,7 @@ class ExportConfig:
 
     @property
     def torch_dtype(self) -> torch.dtype:
-        return DTYPE_NAMES[self.dtype]
+        return parse_dtype(self.dtype, what="export dtype")
 
 
 class _UNetSignature(torch.nn.Module):
@@ -83,9 +84,8 @@ class _UNetSignature(torch.nn.Module):
 
     def forward(self, *args):
         a = dict(zip(self.names, args))
-        added = {"text_embeds": a["text_embeds"], "time_ids": a["time_ids"]} if "text_embeds" in a else None
-        return self.unet(a[SAMPLE], a["timestep"], encoder_hidden_states=a["encoder_hidden_states"],
-                         timestep_cond=a.get("timestep_cond"), added_cond_kwargs=added, return_dict=False)[0]
+        cond = Cond(a["encoder_hidden_states"], a.get("text_embeds"), a.get("time_ids"), a.get("timestep_cond"))
+        return unet_forward(self.unet, a[SAMPLE], a["timestep"], cond)
 
 
 def example_inputs(base: UNetDenoiser, batch: int, latent_hw: tuple[int, int], tokens: int,

@@ -20,6 +20,9 @@ CaptureError (``"error"``); buffers are also checked field by field before each 
 replayed on buffers of another shape or dtype. With ``pad=True`` a batch smaller than a cached key's is
 padded to it (rows replicate the last sample and are dropped from the result).
 
+Several runners may share one :class:`GraphBudget` (a Runtime's: one per sampler config): the LRU bound
+then counts every runner's cached keys together, and the runners share the budget's lock.
+
 Off CUDA (or with ``graphs=False``) the same API runs the loop eagerly over the same static buffers:
 that is what the CPU tests exercise. Running out of GPU memory during a capture leaves that key eager,
 with a warning; other capture failures raise CaptureError and leave the runner usable.
@@ -74,7 +77,8 @@ class GraphStats:
 
     captures: int = 0
     replays: int = 0
-    eager_runs: int = 0
+    eager_runs: int = 0  # loops run without a graph: on a cached key's static buffers, or uncached (on_miss)
+    static_runs: int = 0  # of those, served by a cached key's static buffers (off CUDA, not capturable, OOM)
     evictions: int = 0
     padded_calls: int = 0
     oom_fallbacks: int = 0
@@ -194,6 +198,39 @@ def _is_oom(e: BaseException) -> bool:
     return (oom is not None and isinstance(e, oom)) or "out of memory" in str(e).lower()
 
 
+class GraphBudget:
+    """One LRU bound on the cached keys of several GraphRunners, and the lock they share.
+
+    max_graphs: keys cached by all the runners together (>= 1); the least recently used key of any runner
+                is evicted (its graph pool and buffers released) to make room for a new one.
+    """
+
+    def __init__(self, max_graphs: int = 4):
+        if not isinstance(max_graphs, int) or isinstance(max_graphs, bool) or max_graphs < 1:
+            raise ConfigError(f"max_graphs must be an int >= 1, got {max_graphs!r}")
+        self.max_graphs = max_graphs
+        self.lock = threading.RLock()
+        self._lru: OrderedDict[tuple[int, GraphKey], "GraphRunner"] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._lru)
+
+    def touch(self, runner: "GraphRunner", key: GraphKey) -> None:
+        self._lru.move_to_end((id(runner), key))
+
+    def add(self, runner: "GraphRunner", key: GraphKey) -> None:
+        self._lru[(id(runner), key)] = runner
+
+    def discard(self, runner: "GraphRunner", key: GraphKey) -> None:
+        self._lru.pop((id(runner), key), None)
+
+    def make_room(self) -> None:
+        """Evict least recently used keys (of any runner) until one more fits. Caller holds ``lock``."""
+        while len(self._lru) >= self.max_graphs:
+            (_, key), runner = next(iter(self._lru.items()))
+            runner._evict(key)
+
+
 def capture_cuda(run: Callable[[], object], warmup_iters: int = 2):
     """(replay, graph): ``run`` warmed up on a side stream (Triton JIT, cuBLAS workspaces and allocator
     pools settle outside the capture), then captured into a CUDAGraph with its own memory pool, so
@@ -218,6 +255,8 @@ class GraphRunner:
     graphs:      True / False / None (= True on a CUDA device). Off CUDA the runner always runs eagerly
                  over its static buffers (same API, same keys and caching).
     max_graphs:  LRU bound on cached keys (>= 1); an evicted graph's pool and buffers are released.
+    budget:      a GraphBudget shared with other runners (then ``max_graphs`` is the budget's, and the
+                 runners share its lock); default: a budget of this runner's own.
     pad:         run a batch smaller than a cached key's batch padded to it (instead of a new capture).
     on_miss:     what a call with no fitting cached key does: "capture" (default), "eager" (run eagerly,
                  uncached), "error" (CaptureError; e.g. for a server after ``warmup``).
@@ -230,22 +269,24 @@ class GraphRunner:
 
     def __init__(self, sampler: Sampler, *, graphs: bool | None = None, max_graphs: int = 4, pad: bool = True,
                  on_miss: str = "capture", model: str | None = None, backend: str = "eager",
-                 ops: FusedOps | None = None, warmup_iters: int = 2):
+                 ops: FusedOps | None = None, warmup_iters: int = 2, budget: GraphBudget | None = None):
         if not isinstance(sampler, Sampler):
             raise ConfigError(f"GraphRunner wraps a distpp.Sampler, got {type(sampler).__name__}")
-        if not isinstance(max_graphs, int) or max_graphs < 1:
-            raise ConfigError(f"max_graphs must be an int >= 1, got {max_graphs!r}")
+        if budget is None:
+            budget = GraphBudget(max_graphs)  # validates max_graphs
+        elif not isinstance(budget, GraphBudget):
+            raise ConfigError(f"budget must be a distpp.graphs.GraphBudget, got {type(budget).__name__}")
         if on_miss not in ON_MISS:
             raise ConfigError(f"on_miss must be one of {', '.join(ON_MISS)}, got {on_miss!r}")
         if not isinstance(warmup_iters, int) or warmup_iters < 1:
             raise ConfigError(f"warmup_iters must be an int >= 1 (Triton JIT must run before capture), got {warmup_iters!r}")
-        self.sampler, self.max_graphs, self.pad, self.on_miss = sampler, max_graphs, bool(pad), on_miss
-        self.model = model or type(sampler.student).__name__
+        self.sampler, self.budget, self.pad, self.on_miss = sampler, budget, bool(pad), on_miss
+        self.max_graphs = budget.max_graphs
+        self.model = model or sampler.student.name
         self.backend, self.ops, self.warmup_iters = backend, ops or sampler.ops, warmup_iters
         on_cuda = sampler.device.type == "cuda"
         self.use_cuda_graphs = on_cuda if graphs is None else bool(graphs) and on_cuda
-        fixed = [type(m).__name__ for m in (sampler.student, sampler.teacher)
-                 if m is not None and not getattr(m, "capturable", True)]
+        fixed = [m.name for m in (sampler.student, sampler.teacher) if m is not None and not m.capturable]
         if self.use_cuda_graphs and fixed:
             warnings.warn(f"distpp: {', '.join(fixed)} cannot be captured in a CUDA graph (its forward synchronizes "
                           "the host); this GraphRunner runs its loops eagerly over the static buffers",
@@ -254,7 +295,7 @@ class GraphRunner:
         self.stats = GraphStats()
         self._cache: OrderedDict[GraphKey, _Entry] = OrderedDict()
         self._eager_keys: set[GraphKey] = set()  # keys whose capture ran out of memory
-        self._lock = threading.RLock()
+        self._lock = budget.lock
 
     # ------------------------------------------------------------------------------------------------
     def keys(self) -> list[GraphKey]:
@@ -271,7 +312,7 @@ class GraphRunner:
         """Drop every cached graph and its buffers, and release the freed memory to the device."""
         with self._lock:
             while self._cache:
-                self._evict()
+                self._evict(next(iter(self._cache)))
 
     def static_plan(self, key: GraphKey) -> Plan:
         """The static buffers of a cached key (for tests and debugging; do not hold on to them)."""
@@ -343,6 +384,7 @@ class GraphRunner:
                     if timer is not None:
                         timer.lap("graph")
                 else:
+                    self.stats.static_runs += 1
                     self._run_eager(entry.plan, timer)
             out = entry.plan.x[:B]
             return out.clone() if copy else out
@@ -358,12 +400,14 @@ class GraphRunner:
         on_miss = on_miss or self.on_miss
         if key in self._cache:
             self._cache.move_to_end(key)
+            self.budget.touch(self, key)
             return self._cache[key]
         if allow_pad:
             fits = [k for k in self._cache if k.batch > key.batch and k.with_batch(key.batch) == key]
             if fits:
                 best = min(fits, key=lambda k: k.batch)
                 self._cache.move_to_end(best)
+                self.budget.touch(self, best)
                 return self._cache[best]
         if on_miss == "eager":
             return None
@@ -374,8 +418,7 @@ class GraphRunner:
         return self._build(key, plan)
 
     def _build(self, key: GraphKey, plan: Plan) -> _Entry:
-        while len(self._cache) >= self.max_graphs:
-            self._evict()
+        self.budget.make_room()
         static = alloc_static(plan, key.batch)
         entry = _Entry(key, static, run=lambda: self._run_eager(static))
         if self.use_cuda_graphs and key not in self._eager_keys:
@@ -409,10 +452,13 @@ class GraphRunner:
                 self.stats.captures += 1
                 self.stats.capture_s += entry.capture_s
         self._cache[key] = entry
+        self.budget.add(self, key)
         return entry
 
-    def _evict(self) -> None:
-        _, entry = self._cache.popitem(last=False)
+    def _evict(self, key: GraphKey) -> None:
+        """Drop ``key``'s entry (graph, pool, static buffers). Caller holds the lock."""
+        entry = self._cache.pop(key)
+        self.budget.discard(self, key)
         entry.release()
         self.stats.evictions += 1
         del entry

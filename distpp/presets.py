@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import os
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -52,7 +52,6 @@ class PresetInfo:
     latent_shape:  (C, H, W) latents at the preset's native resolution.
     tokens, width: text-encoder states shape [B, tokens, width]; pooled: SDXL pooled width (or None).
     fp32_gb:       approximate memory of the pair's weights in float32 (GB), checked on CPU.
-    family:        the student family the preset is set up for.
     """
 
     name: str
@@ -63,7 +62,6 @@ class PresetInfo:
     pooled: int | None
     fp32_gb: float
     time_cond_proj_dim: int | None = 256
-    family: str = "lcm"
     resolution: int = 0
 
 
@@ -90,7 +88,6 @@ class ModelPair:
     info: PresetInfo
     device: torch.device
     dtype: torch.dtype
-    extra: dict = field(default_factory=dict)
 
     def random_cond(self, batch: int, seed: int = 0) -> tuple[Cond, Cond]:
         """(cond, uncond) with random text states of the right shapes (benchmarks and tests)."""

@@ -16,7 +16,7 @@ from typing import Any, Sequence
 import torch
 
 from .config import SamplerConfig, check_cfg, check_lam
-from .denoiser import Cond, ModelSpec, check_cond, prepare_cond, spec_of
+from .denoiser import Cond, ModelSpec, as_denoiser, check_cond
 from .errors import ConfigError, InputError
 from .ops import FusedOps, resolve_ops
 from .schedules import NUM_GCOLS, Schedule, build_schedule, teacher_coefficients
@@ -133,12 +133,14 @@ class Sampler:
             raise ConfigError("teacher must be a Denoiser: a callable (x, t, cond) -> prediction")
         if teacher is None and config.guided_steps > 0:
             raise ConfigError("guided_steps > 0 needs a teacher; pass teacher=... or guided_steps=0")
-        if teacher is student and getattr(student, "reuses_output", False):
+        if teacher is student and as_denoiser(student).reuses_output:
             raise ConfigError(f"one {type(student).__name__} as both student and teacher: it returns a buffer it "
                               "reuses on its next call, so the teacher's forward would overwrite the student's "
                               "prediction; build a second instance for the teacher")
-        self.student, self.teacher = student, teacher
-        s_spec, t_spec = spec_of(student), spec_of(teacher)
+        # Wrapped once (a DenoiserBase is kept as is): capabilities are attributes from here on.
+        self.student = student = as_denoiser(student)
+        self.teacher = teacher = as_denoiser(teacher) if teacher is not student else student
+        s_spec, t_spec = student.spec, teacher.spec if teacher is not None else ModelSpec()
         try:
             self.device = torch.device(device if device is not None else (s_spec.device or "cpu"))
         except (RuntimeError, TypeError) as e:
@@ -208,7 +210,8 @@ class Sampler:
         G, N = cfgs.guided_steps, sch.steps
         if not isinstance(cond, Cond):
             raise InputError(f"cond must be a distpp.Cond, got {type(cond).__name__}")
-        s_spec, t_spec = spec_of(self.student), spec_of(self.teacher)
+        s_spec = self.student.spec
+        t_spec = self.teacher.spec if self.teacher is not None else ModelSpec()
         check_cond("student", s_spec, cond, None)
         B = cond.batch
         shape = self._latent_shape(B, latent_shape, noise, s_spec)
@@ -273,9 +276,9 @@ class Sampler:
         t_teacher = torch.cat([t_teacher, t_teacher], dim=1).contiguous()
         t_student = sch.t_model[:, None].expand(N, B).contiguous()
         t_in = torch.empty((2 * B,) + tuple(shape[1:]), dtype=self.teacher_dtype, device=dev) if G > 0 else None
-        cond_s = prepare_cond(self.student, cond.to(dev, self.dtype))
+        cond_s = self.student.prepare(cond.to(dev, self.dtype))
         if cond_t is not None:
-            cond_t = prepare_cond(self.teacher, cond_t.to(dev, self.teacher_dtype))
+            cond_t = self.teacher.prepare(cond_t.to(dev, self.teacher_dtype))
         return Plan(x=x, x_in=x_in, z=z, n=n, t_in=t_in, gcoef=gcoef, t_student=t_student, t_teacher=t_teacher,
                     lam=_to_device(lam_v, dev), cfg=_to_device(cfg_v, dev), cond_s=cond_s, cond_t=cond_t, guided_steps=G)
 

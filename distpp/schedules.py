@@ -144,7 +144,6 @@ class Schedule:
       abar:          [N]     abar of the student's level at step k.
       abar_next:     [N]     abar of next_level(k) (the teacher's level under the "next" rule).
       t_next:        [N]     timestep value of next_level(k).
-      t_next_int / t_int: [N] int64  integer levels, for the "random" teacher rule's draw range.
       alphas_cumprod:[T]     the training schedule (T = num_train_timesteps).
     Host metadata (static per schedule): family, prediction_type, steps, draws_noise (which steps consume
     a fresh-noise draw, in diffusers' order), level_bounds ((next_level, t) integer pairs per step: the
@@ -164,23 +163,12 @@ class Schedule:
     abar: torch.Tensor
     abar_next: torch.Tensor
     t_next: torch.Tensor
-    t_int: torch.Tensor
-    t_next_int: torch.Tensor
     alphas_cumprod: torch.Tensor
     scheduler_config: dict = field(repr=False, default_factory=dict)
 
     @property
     def device(self) -> torch.device:
         return self.coef.device
-
-    def to(self, device: torch.device | str) -> "Schedule":
-        """The same schedule with its tables on ``device``."""
-        moved = {k: getattr(self, k).to(device) for k in
-                 ("coef", "c_in", "t_model", "abar", "abar_next", "t_next", "t_int", "t_next_int", "alphas_cumprod")}
-        return Schedule(**{**self.__dict__, **moved})
-
-    def coef_f64(self) -> np.ndarray:
-        return self.coef.detach().cpu().double().numpy()
 
 
 def _set_timesteps(sched, family: str, steps: int | None = None, timesteps: list[int] | None = None) -> None:
@@ -329,8 +317,6 @@ def build_schedule(
         abar=torch.tensor(abar, **f32),
         abar_next=torch.tensor(abar_next, **f32),
         t_next=torch.tensor(t_next, **f32),
-        t_int=torch.tensor(t_int, dtype=torch.int64, device=device),
-        t_next_int=torch.tensor(nxt_int, dtype=torch.int64, device=device),
         alphas_cumprod=torch.tensor(acp, **f32),
         scheduler_config=dict(sched.config),
     )

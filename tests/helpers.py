@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from distpp import Cond, ModelSpec
+from distpp.denoiser import DenoiserBase
 
 
 def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
@@ -22,7 +23,7 @@ def assert_close(out, ref, rtol, what=""):
     assert e <= rtol, f"{what} relative error {e:.3e} > {rtol:.1e}"
 
 
-class GaussianDenoiser:
+class GaussianDenoiser(DenoiserBase):
     """Exact denoiser of Gaussian data x0 ~ N(mean_b, sigma^2 I) under VP noising (any dtype).
 
     mean_b = mu + shift * cond.encoder_hidden_states[b, 0, 0]; predicts ``prediction_type``.

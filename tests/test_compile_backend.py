@@ -16,7 +16,8 @@ from distpp.sampler import Sampler
 @pytest.fixture(scope="module")
 def compiled_pair(tiny_pair):
     torch._dynamo.reset()
-    s, t, timings = backends.make_pair(tiny_pair, "compile", compile=CompileConfig(backend="eager"))
+    s, t, timings = backends.make_pair(tiny_pair.student, tiny_pair.teacher, "compile",
+                                         compile=CompileConfig(backend="eager"))
     return s, t, timings
 
 
@@ -83,7 +84,7 @@ def test_cuda_inductor_under_graph_runner():
 
     torch._dynamo.reset()
     pair = build_preset("tiny", device="cuda", dtype=torch.float16)
-    s, t, _ = backends.make_pair(pair, "compile", compile=CompileConfig())
+    s, t, _ = backends.make_pair(pair.student, pair.teacher, "compile", compile=CompileConfig())
     cfg = SamplerConfig(guided_steps=1)
     cond, uncond = pair.random_cond(2)
     shape = pair.info.latent_shape

@@ -2,12 +2,13 @@
 Denoiser interface, so the sampler never branches on the backend.
 
 A backend is a module with ``is_available() -> bool``, ``EXTRA`` (the pip extra that provides it, or
-None) and ``make_denoiser(base: UNetDenoiser, *, role, shapes, tokens, cache, ...) -> Denoiser``. Modules
-are imported only when a backend is asked for, so heavy dependencies load lazily.
+None) and ``make_denoiser(base, *, role, shapes, tokens, cache, device, timings, <its options>) ->
+DenoiserBase``; unknown keyword arguments raise (a typo is never silently ignored). Modules are imported
+only when a backend is asked for, so heavy dependencies load lazily.
 
-``resolve_backend("auto", device)`` picks TensorRT on a CUDA device when it is installed and falls back
-to eager with a warning otherwise; an explicitly named backend that cannot run raises
-BackendUnavailableError naming the extra to install.
+``resolve_backend("auto", device)`` picks only what has run on hardware in this project: eager (the
+Runtime adds CUDA graphs on a GPU). compile, onnxruntime and tensorrt run when asked by name; a named
+backend that cannot run raises BackendUnavailableError naming the extra to install.
 """
 
 from __future__ import annotations
@@ -29,8 +30,9 @@ _REGISTRY: dict[str, tuple[str, str | None]] = {
     "tensorrt": ("distpp.backends.tensorrt", "tensorrt"),
     "compile": ("distpp.backends.compile", None),
 }
-# What "auto" prefers per device type, best first (eager always runs).
-_AUTO = {"cuda": ("tensorrt", "eager"), "cpu": ("eager",)}
+# What "auto" prefers per device type, best first (eager always runs). Only backends measured on real
+# hardware belong here: TensorRT has never run (README), so it is used only when asked for by name.
+_AUTO = {"cuda": ("eager",), "cpu": ("eager",)}
 
 
 def register_backend(name: str, module: str, extra: str | None = None) -> None:
@@ -87,34 +89,59 @@ def resolve_backend(name: str = "auto", device: torch.device | str = "cpu") -> s
 
 
 def make_denoiser(backend: str, base, **kw):
-    """A Denoiser for the eager UNetDenoiser ``base`` on ``backend`` (see each module's make_denoiser)."""
-    return get_backend(resolve_backend(backend, kw.get("device") or base.spec.device or "cpu")).make_denoiser(base, **kw)
+    """A Denoiser for the eager Denoiser ``base`` on ``backend`` (see each module's make_denoiser)."""
+    return _factory(get_backend(resolve_backend(backend, kw.get("device") or base.spec.device or "cpu")),
+                    backend)(base, **kw)
 
 
-def make_pair(pair, backend: str = "auto", *, batch: tuple[int, int, int] | int | None = None,
-              resolutions: tuple[tuple[int, int], ...] | None = None, cache=None, export=None, engine=None,
-              **kw):
-    """(student, teacher, timings) of a distpp.presets.ModelPair on ``backend``.
+def _factory(mod: ModuleType, name: str):
+    """``mod.make_denoiser`` with unknown keyword arguments refused by name (ConfigError)."""
+    import inspect
 
+    fn = mod.make_denoiser
+    accepted = {n for n, p in inspect.signature(fn).parameters.items() if p.kind is p.KEYWORD_ONLY}
+
+    def make(base, **kw):
+        unknown = sorted(set(kw) - accepted)
+        if unknown:
+            raise ConfigError(f"backend {name!r} does not take {', '.join(unknown)}; it takes "
+                              f"{', '.join(sorted(accepted))}")
+        return fn(base, **kw)
+
+    return make
+
+
+def make_pair(student, teacher, backend: str = "auto", *, batch: tuple[int, int, int] | int | None = None,
+              resolutions: tuple[tuple[int, int], ...] | None = None, tokens: int = 77, cache=None,
+              device=None, **options):
+    """(student, teacher, timings): the eager Denoisers ``student`` / ``teacher`` on ``backend``.
+
+    student, teacher: eager Denoisers (non-eager backends need module-backed ones: UNetDenoiser);
+                 ``teacher`` may be None (a plain student).
     batch:       sample batch B served: an int or (min, opt, max) (default (1, 1, 4)); the teacher's
                  profile covers 2B rows (its CFG input).
-    resolutions: latent (H, W) sizes (default: the preset's latent size).
-    export:      distpp.export.ExportConfig; engine: tensorrt.EngineConfig; cache: ArtifactCache.
+    resolutions: latent (H, W) sizes to serve (default: (64, 64)).
+    tokens:      text tokens of the conditioning (the ONNX/TensorRT input shapes).
+    options:     the backend's own options, e.g. compile=CompileConfig(...), export=ExportConfig(...),
+                 engine=EngineConfig(...), providers=[...]; unknown ones raise ConfigError.
     timings:     {"backend": resolved name, "export_s": seconds exporting (or loading) ONNX, "build_s":
                  seconds building (or loading) engines and sessions}, to report apart from sampling.
     """
-    name = resolve_backend(backend, pair.device)
+    device = device if device is not None else (student.spec.device if hasattr(student, "spec") else None) or "cpu"
+    name = resolve_backend(backend, device)
     b = (batch, batch, batch) if isinstance(batch, int) else (batch or (1, 1, 4))
-    shapes = ShapeRange(batch=b, resolutions=resolutions or (tuple(pair.info.latent_shape[1:]),))
-    mod = get_backend(name)
+    shapes = ShapeRange(batch=b, resolutions=tuple(resolutions or ((64, 64),)))
+    make = _factory(get_backend(name), name)
     timings = {"backend": name, "export_s": 0.0, "build_s": 0.0}
     out = []
-    for role in ("student", "teacher"):
+    for role, base in (("student", student), ("teacher", teacher)):
+        if base is None:
+            out.append(None)
+            continue
         before = timings["export_s"] + timings["build_s"]
         t0 = time.perf_counter()
-        out.append(mod.make_denoiser(getattr(pair, role), role=role, shapes=shapes, tokens=pair.info.tokens,
-                                     cache=cache, export=export, engine=engine, device=pair.device,
-                                     timings=timings, **kw))
+        out.append(make(base, role=role, shapes=shapes, tokens=tokens, cache=cache, device=device, timings=timings,
+                        **options))
         if timings["export_s"] + timings["build_s"] == before:  # a backend that does not split its time
             timings["build_s"] += time.perf_counter() - t0
     return out[0], out[1], timings

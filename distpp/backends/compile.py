@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..denoiser import Cond, UNetDenoiser, spec_of
+from ..denoiser import Cond, DenoiserBase, UNetDenoiser, as_denoiser, unet_forward
 from ..errors import ConfigError
 
 EXTRA = None
@@ -63,7 +63,7 @@ def _signature(x: torch.Tensor, t: torch.Tensor, cond: Cond) -> tuple:
         (k, tuple(v.shape), v.dtype) for k, v in sorted(cond.tensors().items()))
 
 
-class CompiledDenoiser:
+class CompiledDenoiser(DenoiserBase):
     """A Denoiser running ``base``'s UNet through torch.compile (same inputs, outputs and ``prepare``).
 
     base:    a UNetDenoiser (its ``unet`` module is compiled) or any Denoiser callable (compiled as is).
@@ -71,8 +71,8 @@ class CompiledDenoiser:
     """
 
     def __init__(self, base, config: CompileConfig | None = None):
-        self.base, self.config = base, config or CompileConfig()
-        self.spec = spec_of(base)
+        self.base, self.config = as_denoiser(base), config or CompileConfig()
+        self.spec = self.base.spec
         self.compile_s = 0.0
         self.compiles = 0
         self._seen: set[tuple] = set()
@@ -80,18 +80,13 @@ class CompiledDenoiser:
             self._compiled_unet = torch.compile(base.unet, **self.config.kwargs())
             self._call = self._unet_call
         else:
-            self._call = torch.compile(base, **self.config.kwargs())
+            self._call = torch.compile(self.base, **self.config.kwargs())
 
     def prepare(self, cond: Cond) -> Cond:
-        prep = getattr(self.base, "prepare", None)
-        return prep(cond) if prep is not None else cond
+        return self.base.prepare(cond)
 
     def _unet_call(self, x, t, cond):
-        added = None
-        if self.spec.text_embeds_dim is not None:
-            added = {"text_embeds": cond.text_embeds, "time_ids": cond.time_ids}
-        return self._compiled_unet(x, t, encoder_hidden_states=cond.encoder_hidden_states,
-                                   timestep_cond=cond.timestep_cond, added_cond_kwargs=added, return_dict=False)[0]
+        return unet_forward(self._compiled_unet, x, t, cond)
 
     def __call__(self, x: torch.Tensor, t: torch.Tensor, cond: Cond) -> torch.Tensor:
         sig = _signature(x, t, cond)
@@ -107,8 +102,9 @@ class CompiledDenoiser:
         return out
 
 
-def make_denoiser(base, *, compile: CompileConfig | None = None, timings: dict | None = None,
-                  **_ignored) -> CompiledDenoiser:
+def make_denoiser(base, *, compile: CompileConfig | None = None, role: str = "student", shapes=None,
+                  tokens: int | None = None, cache=None, device=None,
+                  timings: dict | None = None) -> CompiledDenoiser:
     """A CompiledDenoiser for ``base`` (compiles lazily on first calls; see ``compile_s``)."""
     if compile is not None and not isinstance(compile, CompileConfig):
         raise ConfigError(f"compile= must be a distpp.backends.compile.CompileConfig, got {type(compile).__name__}")

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ..denoiser import UNetDenoiser
+from ..denoiser import DenoiserBase
 
 EXTRA = None
 
@@ -11,6 +11,7 @@ def is_available() -> bool:
     return True
 
 
-def make_denoiser(base: UNetDenoiser, **_ignored) -> UNetDenoiser:
-    """``base`` itself: eager needs no export or build."""
+def make_denoiser(base: DenoiserBase, *, role: str = "student", shapes=None, tokens: int | None = None,
+                  cache=None, device=None, timings: dict | None = None) -> DenoiserBase:
+    """``base`` itself: eager needs no export or build (the shared factory arguments are accepted and unused)."""
     return base

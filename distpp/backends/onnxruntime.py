@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from ..denoiser import Cond, ModelSpec, UNetDenoiser
+from ..denoiser import Cond, DenoiserBase, ModelSpec, UNetDenoiser
 from ..errors import BackendUnavailableError, ConfigError
 from .plan import OUTPUT, SAMPLE, IOSpec, ShapeRange, check_feeds, cond_feeds, read_io_spec
 
@@ -93,7 +93,7 @@ class OrtSession:
         return out
 
 
-class OrtDenoiser:
+class OrtDenoiser(DenoiserBase):
     """A Denoiser running a distpp ONNX export in ONNX Runtime.
 
     base: the eager UNetDenoiser of the same UNet: its spec (dims, prediction type) and prepare (LCM's
@@ -121,11 +121,15 @@ class OrtDenoiser:
     def __call__(self, x: torch.Tensor, t: torch.Tensor, cond: Cond) -> torch.Tensor:
         return self.session.run(cond_feeds(self.io, x, t, cond), who="onnxruntime UNet")
 
+    def close(self) -> None:
+        """Drop the inference session (its arena and, on CUDA, its device memory)."""
+        self.session = None
+
 
 def make_denoiser(base: UNetDenoiser, *, role: str = "student", shapes: ShapeRange | None = None,
                   tokens: int = 77, export=None, cache=None, onnx_path: str | os.PathLike | None = None,
-                  device=None, providers=None, threads: int | None = None, timings: dict | None = None,
-                  **_ignored) -> OrtDenoiser:
+                  device=None, providers=None, threads: int | None = None,
+                  timings: dict | None = None) -> OrtDenoiser:
     """An OrtDenoiser for ``base``: ``onnx_path`` if given, else the cached export of its UNet.
 
     shapes: only its first resolution is used (the traced example's size); ``role`` is unused here

@@ -27,7 +27,6 @@ COND_FIELDS = ("encoder_hidden_states", "text_embeds", "time_ids", "timestep_con
 BATCH, HEIGHT, WIDTH = "batch", "height", "width"
 # ONNX TensorProto element types distpp uses (onnx.TensorProto.FLOAT, FLOAT16, BFLOAT16, INT64).
 _ONNX_DTYPES = {1: torch.float32, 10: torch.float16, 16: torch.bfloat16, 7: torch.int64}
-DTYPE_NAMES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 Dim = int | str  # a static size or a dynamic dim's name
 

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from ..cache import ArtifactCache, cache_key
-from ..denoiser import Cond, ModelSpec, UNetDenoiser
+from ..denoiser import Cond, DenoiserBase, ModelSpec, UNetDenoiser
 from ..errors import BackendUnavailableError, CacheError, ConfigError
 from .plan import (OUTPUT, SAMPLE, IOSpec, Profile, ShapeRange, check_feeds, compute_profile, cond_feeds,
                    engine_key, onnx_sha256, plan_buffers, read_io_spec, view)
@@ -151,7 +151,7 @@ def _trt_version() -> str:
     return _trt().__version__
 
 
-class TrtDenoiser:
+class TrtDenoiser(DenoiserBase):
     """A Denoiser running a TensorRT engine on static device buffers owned by distpp.
 
     Each call checks dtypes and shapes against the engine's IO spec and profile (before any launch),
@@ -185,6 +185,11 @@ class TrtDenoiser:
     def prepare(self, cond: Cond) -> Cond:
         return self.base.prepare(cond).to(device=self.device, dtype=self.spec.dtype)
 
+    def close(self) -> None:
+        """Release the execution context, the engine and the static buffers (in that order)."""
+        self.context = self.engine = self.runtime = None
+        self.buffers = {}
+
     def __call__(self, x: torch.Tensor, t: torch.Tensor, cond: Cond) -> torch.Tensor:
         feeds = cond_feeds(self.io, x, t, cond)
         check_feeds(self.io, feeds, self.profile, who="TensorRT UNet")
@@ -202,8 +207,8 @@ class TrtDenoiser:
 
 def make_denoiser(base: UNetDenoiser, *, role: str = "student", shapes: ShapeRange | None = None,
                   tokens: int = 77, export=None, engine: EngineConfig | None = None, cache=None,
-                  onnx_path: str | os.PathLike | None = None, device="cuda", timings: dict | None = None,
-                  **_ignored) -> TrtDenoiser:
+                  onnx_path: str | os.PathLike | None = None, device="cuda",
+                  timings: dict | None = None) -> TrtDenoiser:
     """A TrtDenoiser for ``base``: export (cached) -> build (cached) -> load.
 
     role: "student" (profile batch = B) or "teacher" (profile batch = 2B, the CFG input).

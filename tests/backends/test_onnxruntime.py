@@ -59,7 +59,8 @@ def test_not_a_model_is_refused(tmp_path, tiny_pair):
 
 
 def test_make_pair_reports_export_and_build_time(tiny_onnx, tiny_pair):
-    s, t, timings = make_pair(tiny_pair, "onnxruntime", cache=tiny_onnx["cache"])
+    s, t, timings = make_pair(tiny_pair.student, tiny_pair.teacher, "onnxruntime", cache=tiny_onnx["cache"],
+                              resolutions=(tuple(tiny_pair.info.latent_shape[1:]),), tokens=tiny_pair.info.tokens)
     assert isinstance(s, OrtDenoiser) and s.onnx_path == tiny_onnx["student"] and t.onnx_path == tiny_onnx["teacher"]
     assert timings["backend"] == "onnxruntime" and timings["export_s"] > 0 and timings["build_s"] > 0
 

@@ -35,22 +35,28 @@ def test_tensorrt_entry_points_refuse_cleanly(tiny_pair):
     with pytest.raises(BackendUnavailableError, match=r"distpp\[tensorrt\]"):
         tensorrt.make_denoiser(tiny_pair.student)
     with pytest.raises(BackendUnavailableError):
-        backends.make_pair(tiny_pair, "tensorrt")
+        backends.make_pair(tiny_pair.student, tiny_pair.teacher, "tensorrt")
 
 
-@pytest.mark.skipif(HAS_TRT, reason="TensorRT is installed here: these check its absence")
-def test_auto_falls_back_with_a_warning():
+def test_auto_is_only_what_has_run_on_hardware():
+    """auto never picks TensorRT (never run on hardware in this project) nor onnxruntime: eager, silently."""
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert backends.resolve_backend("auto", "cpu") == "eager"
-    with pytest.warns(UserWarning, match=r"'tensorrt' is not available.*distpp\[tensorrt\].*'eager'"):
         assert backends.resolve_backend("auto", "cuda") == "eager"
+
+
+def test_factories_refuse_unknown_options(tiny_pair):
+    with pytest.raises(ConfigError, match="backend 'eager' does not take engine"):
+        backends.make_pair(tiny_pair.student, tiny_pair.teacher, "eager", engine=object())
+    with pytest.raises(ConfigError, match="does not take compiel"):
+        backends.make_denoiser("compile", tiny_pair.student, compiel=None)
 
 
 def test_register_backend(tiny_pair):
     backends.register_backend("eager_alias", "distpp.backends.eager")
     try:
-        s, t, timings = backends.make_pair(tiny_pair, "eager_alias")
+        s, t, timings = backends.make_pair(tiny_pair.student, tiny_pair.teacher, "eager_alias")
         assert s is tiny_pair.student and t is tiny_pair.teacher
         assert timings["backend"] == "eager_alias" and timings["export_s"] == 0.0 and timings["build_s"] >= 0.0
     finally:
