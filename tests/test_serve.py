@@ -11,6 +11,7 @@ import base64
 import io
 import ipaddress
 import json
+import math
 import os
 import socket
 import time
@@ -24,7 +25,8 @@ import torch
 
 from distpp import Sampler
 from distpp.errors import ConfigError, InputError
-from distpp.serve import (SampleRequest, SamplerWorker, ServeSettings, group_indices, latent_image, parse_request,
+from distpp.serve.http import MAX_BODY_BYTES
+from distpp.serve import (SampleRequest, PresetWorker, ServeSettings, group_indices, latent_image, parse_request,
                           png_bytes, prompt_cond, settings_from_strings)
 
 RTOL_F32 = 1e-5
@@ -32,11 +34,11 @@ SETTINGS = ServeSettings(preset="tiny", replicas=2, max_batch_size=4, batch_wait
 
 
 @pytest.fixture(scope="module")
-def worker() -> SamplerWorker:
-    return SamplerWorker(SETTINGS)
+def worker() -> PresetWorker:
+    return PresetWorker(SETTINGS)
 
 
-def reference(worker: SamplerWorker, req: SampleRequest) -> np.ndarray:
+def reference(worker: PresetWorker, req: SampleRequest) -> np.ndarray:
     """The direct, unbatched sampler result for one request: [C, H, W] float32 (memoized per request)."""
     if req not in _REFS:
         _REFS[req] = _direct(worker, req)
@@ -46,7 +48,7 @@ def reference(worker: SamplerWorker, req: SampleRequest) -> np.ndarray:
 _REFS: dict[SampleRequest, np.ndarray] = {}
 
 
-def _direct(worker: SamplerWorker, req: SampleRequest) -> np.ndarray:
+def _direct(worker: PresetWorker, req: SampleRequest) -> np.ndarray:
     info = worker.pair.info
     s = Sampler(worker.pair.student, worker.pair.teacher, req.sampler_config(), device="cpu")
     x = s.sample(prompt_cond(info, req.prompt), uncond=prompt_cond(info, req.negative_prompt),
@@ -175,7 +177,7 @@ def test_worker_batch_matches_direct_sampler(worker):
 
 
 def test_worker_failing_group_spares_the_others(worker):
-    class Failing(SamplerWorker):
+    class Failing(PresetWorker):
         def __init__(self, base):
             self.__dict__.update(base.__dict__)
 
@@ -254,7 +256,8 @@ def served():
     from distpp.serve.local_ray import init_local_ray
 
     port = _free_port()
-    init_local_ray(num_cpus=2, log_to_driver=False)  # a fresh instance, all listeners on 127.0.0.1
+    # 3 logical CPUs: the 2 preset replicas and the pipeline app's one (served_pipeline).
+    init_local_ray(num_cpus=3, log_to_driver=False)  # a fresh instance, all listeners on 127.0.0.1
     import ray
     from ray import serve
 
@@ -269,16 +272,21 @@ def served():
         ray.shutdown()
 
 
-def http(base: str, path: str, body=None, raw: bytes | None = None, method: str | None = None):
-    """(status, content-type, body bytes) of one loopback HTTP call."""
+def http(base: str, path: str, body=None, raw: bytes | None = None, method: str | None = None,
+         headers: bool = False):
+    """(status, content-type, body bytes) of one loopback HTTP call; with ``headers``, the response
+    headers (a dict, lower-case names) are a fourth item."""
     data = raw if raw is not None else (json.dumps(body).encode() if body is not None else None)
     req = urllib.request.Request(base + path, data=data, method=method or ("POST" if data is not None else "GET"),
                                  headers={"content-type": "application/json"})
     try:
-        with urllib.request.urlopen(req, timeout=120) as r:
-            return r.status, r.headers.get("content-type", ""), r.read()
+        r = urllib.request.urlopen(req, timeout=120)
+        status = r.status
     except urllib.error.HTTPError as e:
-        return e.code, e.headers.get("content-type", ""), e.read()
+        r, status = e, e.code
+    with r:
+        out = (status, r.headers.get("content-type", ""), r.read())
+        return out + ({k.lower(): v for k, v in r.headers.items()},) if headers else out
 
 
 @pytest.mark.serve
@@ -294,7 +302,7 @@ def test_local_ray_is_loopback_only(served):
     off = [(a, who) for a, who in sockets if not is_loopback(a)]
     replica_grpc = [(a, who) for a, who in off if a.startswith(":::") and "ServeReplica" in who]
     assert off == replica_grpc, f"listeners off loopback: {[x for x in off if x not in replica_grpc]}"
-    assert len(replica_grpc) <= SETTINGS.replicas, replica_grpc
+    assert len(replica_grpc) <= len(process_rss_mib("ray::ServeReplica")), replica_grpc
 
 
 @pytest.mark.serve
@@ -418,10 +426,10 @@ def post_large_body(base: str, path: str, total: int, chunked: bool, chunk: int 
         s.close()
 
 
-def concurrent_http(base: str, calls: list[tuple[str, dict | None, bytes | None]], workers: int | None = None):
-    """Send (path, body, raw) calls at once; returns [(status, content-type, body)] in call order."""
-    with ThreadPoolExecutor(workers or len(calls)) as pool:
-        futs = [pool.submit(http, base, path, body, raw) for path, body, raw in calls]
+def concurrent_http(base: str, calls: list[tuple[str, dict | None, bytes | None]], headers: bool = False):
+    """Send (path, body, raw) calls at once; returns http()'s tuples in call order."""
+    with ThreadPoolExecutor(len(calls)) as pool:
+        futs = [pool.submit(http, base, path, body, raw, headers=headers) for path, body, raw in calls]
         return [f.result() for f in futs]
 
 
@@ -519,20 +527,24 @@ def test_backpressure_and_cost_bound(served):
     _, base = served
     # A flood beyond what the replicas hold and the proxy may queue: the excess is refused at once with
     # Serve's backpressure answer (503 + Retry-After), everything admitted succeeds.
-    flood = concurrent_http(base, [("/sample", {"prompt": f"flood {i}", "seed": i}, None) for i in range(48)])
-    codes = [s for s, _, _ in flood]
+    # (20 steps: each request stays in flight long enough for the flood to overlap on this slow box.)
+    flood = concurrent_http(base, [("/sample", {"prompt": f"flood {i}", "seed": i, "steps": 20}, None)
+                                   for i in range(48)], headers=True)
+    codes = [r[0] for r in flood]
     assert set(codes) <= {200, 503} and codes.count(503) > 0 and codes.count(200) >= 8, codes
+    assert all(r[3].get("retry-after") == str(math.ceil(SETTINGS.retry_after_s)) for r in flood if r[0] == 503)
     # Max-cost requests (ddim, max_steps) next to normal ones: beyond the in-flight cost bound they get a
     # 503 with Retry-After instead of queueing ahead of everyone; the normal requests are served.
     heavy = [("/sample", {"prompt": "heavy", "seed": i, "family": "ddim", "steps": SETTINGS.max_steps,
                           "guided_steps": SETTINGS.max_steps}, None) for i in range(6)]
     normal = [("/sample", {"prompt": "normal", "seed": i}, None) for i in range(4)]
-    out = concurrent_http(base, heavy + normal)
-    heavy_codes, normal_codes = [s for s, _, _ in out[:6]], [s for s, _, _ in out[6:]]
+    out = concurrent_http(base, heavy + normal, headers=True)
+    heavy_codes, normal_codes = [r[0] for r in out[:6]], [r[0] for r in out[6:]]
     assert heavy_codes.count(503) > 0 and set(heavy_codes) <= {200, 503}, heavy_codes
-    assert normal_codes == [200] * 4, [(s, raw[:200]) for s, _, raw in out[6:]]
-    rejected = next(raw for s, _, raw in out[:6] if s == 503)
-    assert json.loads(rejected)["type"] == "Overloaded"
+    assert normal_codes == [200] * 4, [(r[0], r[2][:200]) for r in out[6:]]
+    rejected = [r for r in out[:6] if r[0] == 503]
+    assert all(r[3].get("retry-after") for r in rejected)
+    assert any(json.loads(r[2])["type"] == "Overloaded" for r in rejected), [r[2][:200] for r in rejected]
 
 
 @pytest.mark.serve
@@ -578,6 +590,108 @@ def test_http_fuzz_never_500(served):
 
     check()
     assert all(h["consecutive_failures"] == 0 for h in health_of_all_replicas(base).values())
+
+
+# --- pipeline mode: POST /generate on a tiny full text-to-image Pipeline --------------------------------
+GEN_BUCKETS = (1, 2, 4, 8)
+
+
+@pytest.fixture(scope="module")
+def served_pipeline(served, tmp_path_factory):
+    """(handle, base_url of the app, settings, reference Pipeline): a pipeline-mode app on the same local Ray,
+    one replica, beside the preset app; the reference is a Pipeline of the same folders, graphs off."""
+    from ray import serve
+
+    from distpp import Pipeline
+    from distpp.serve import build_app
+    from tiny_repos import tiny_repos_for
+
+    repos = tiny_repos_for(tmp_path_factory)
+    settings = ServeSettings(student=repos["sd_lcm"], teacher=repos["sd_teacher"], family="lcm", local_files_only=True,
+                             device="cpu", steps=2, guided_steps=1, replicas=1, max_batch_size=8,
+                             batch_buckets=GEN_BUCKETS, batch_wait_timeout_s=0.1, graphs=True)
+    handle = serve.run(build_app(settings), name="distpp_gen", route_prefix="/pipe")
+    ref = Pipeline.from_pretrained(repos["sd_lcm"], repos["sd_teacher"], "lcm", local_files_only=True, device="cpu",
+                                   steps=2, guided_steps=1, graphs=False)
+    yield handle, served[1] + "/pipe", settings, ref
+    serve.delete("distpp_gen")
+
+
+def gen_reference(ref, body: dict) -> np.ndarray:
+    """The single-request Pipeline(...) image of a /generate body: [H, W, 3] float32."""
+    x = ref([body["prompt"]], [body.get("negative_prompt", "")], seeds=[body.get("seed", 0)],
+            guided_steps=body.get("guided_steps", 1), lam=body.get("lam", 0.01), cfg=body.get("cfg", 7.5),
+            output_type="pt")
+    return x[0].permute(1, 2, 0).numpy()
+
+
+def b64_image(raw: bytes) -> tuple[np.ndarray, dict]:
+    j = json.loads(raw)
+    return np.frombuffer(base64.b64decode(j["image_b64"]), "<f4").reshape(j["shape"]), j
+
+
+GEN_BODIES = [{"prompt": f"a cat {k}", "seed": 600 + k, "lam": 0.05 * k, "cfg": 1.0 + k,
+               **({"negative_prompt": "blurry"} if k % 3 == 0 else {})} for k in range(8)]
+
+
+@pytest.mark.serve
+def test_generate_concurrent_requests_match_the_pipeline(served_pipeline):
+    """8 concurrent /generate requests batched together (padded to a bucket): each float32 image equals its
+    single-request Pipeline(...) result within 1e-5 and each PNG within 1/255."""
+    from test_serve_generate import assert_image_close, assert_png_close
+
+    handle, base, settings, ref = served_pipeline
+    wants = [gen_reference(ref, b) for b in GEN_BODIES]
+    out = concurrent_http(base, [("/generate", dict(b, output="image_b64"), None) for b in GEN_BODIES])
+    batches = []
+    for b, want, (status, ctype, raw) in zip(GEN_BODIES, wants, out):
+        assert status == 200 and ctype.startswith("application/json"), (status, raw[:300])
+        got, j = b64_image(raw)
+        assert_image_close(got, want, f"seed {b['seed']}")
+        batches.append(j["batch_size"])
+    assert max(batches) > 1, f"dynamic batching never merged requests: batch sizes {batches}"
+    pngs = concurrent_http(base, [("/generate", b, None) for b in GEN_BODIES])  # output "png" is the default
+    for b, want, (status, ctype, raw) in zip(GEN_BODIES, wants, pngs):
+        assert status == 200 and ctype == "image/png", (status, raw[:300])
+        assert_png_close(raw, want, f"PNG seed {b['seed']}")
+    h = json.loads(http(base, "/healthz")[2])
+    assert h["mode"] == "pipeline" and h["batch_buckets"] == list(GEN_BUCKETS) and h["runtime"]["graphs"]
+    if any(n not in GEN_BUCKETS for n in batches):
+        assert h["runtime"]["padded_calls"] > 0, (batches, h["runtime"])
+    got = handle.generate.remote(GEN_BODIES[1]).result(timeout_s=120)
+    assert_image_close(got["image"], wants[1], "handle")
+
+
+@pytest.mark.serve
+def test_generate_hardening(served_pipeline):
+    """Issue 13 on /generate: a poisoned request next to good ones fails alone with a 400; malformed
+    bodies, float32 overflow, bad sizes and big bodies get their 4xx JSON; the wrong route is a 404."""
+    from test_serve_generate import assert_image_close
+
+    _, base, _, ref = served_pipeline
+    good = GEN_BODIES[:3] + GEN_BODIES[4:7]
+    calls = [("/generate", dict(b, output="image_b64"), None) for b in good]
+    calls.insert(3, ("/generate", None, b'{"prompt": "\\ud800 cat"}'))
+    out = concurrent_http(base, calls)
+    assert "surrogate" in json_error(*out[3], codes=(400,))["error"]
+    for b, (status, _, raw) in zip(good, out[:3] + out[4:]):
+        assert status == 200, raw[:300]
+        assert_image_close(b64_image(raw)[0], gen_reference(ref, b), f"seed {b['seed']}")
+    for raw, code, words in [
+        (b'{"prompt": "x", "cfg": 1e39}', 400, "overflows float32"),
+        (b'{"prompt": "x", "height": 64, "width": 64}', 400, "sizes this deployment warmed"),
+        (b"[" * 30000, 400, "not valid JSON"),
+        (b'{"prompt": "x", "seed": ' + b"9" * 5000 + b"}", 400, "digits"),
+        (b'{"prompt": "x", "cfg": 1e38, "lam": 1.0}', 422, "not finite"),
+        (b" " * (MAX_BODY_BYTES + 1), 413, "send at most"),
+    ]:
+        err = json_error(*http(base, "/generate", raw=raw), codes=(code,))
+        assert words in err["error"], err
+    err = json_error(*http(base, "/sample", {"prompt": "x"}), codes=(404,))
+    assert "use POST /generate" in err["error"]
+    err = json_error(*http(served_pipeline[1].rsplit("/pipe", 1)[0], "/generate", {"prompt": "x"}), codes=(404,))
+    assert "use POST /sample" in err["error"]
+    assert json.loads(http(base, "/healthz")[2])["consecutive_failures"] == 0
 
 
 # --- last: it replaces a replica ---------------------------------------------------------------------

@@ -217,14 +217,18 @@ def test_cost_gate():
 
 
 def test_default_cost_budget_admits_normal_requests_beside_one_heavy():
-    latent_hw = 16 * 16
-    budget = SETTINGS.resolved_max_inflight_cost(latent_hw)
-    heavy = (SETTINGS.max_steps + 2 * SETTINGS.max_steps) * latent_hw
-    normal = (SETTINGS.steps + 2 * SETTINGS.guided_steps) * latent_hw
-    g = CostGate(budget)
+    from distpp.presets import build_preset
+    from distpp.serve import PresetWorker
+
+    w = PresetWorker(SETTINGS, pair=build_preset("tiny"))
+    heavy = w.cost(parse_request({"prompt": "x", "family": "ddim", "steps": SETTINGS.max_steps,
+                                  "guided_steps": SETTINGS.max_steps}, SETTINGS))
+    normal = w.cost(parse_request({"prompt": "x"}, SETTINGS))
+    assert (heavy, normal) == (150 * 16 * 16, 6 * 16 * 16)  # (steps + 2 guided) x latent pixels
+    g = CostGate(w.cost_bound())
     assert g.admit(heavy) and not g.admit(heavy)
-    assert all(g.admit(normal) for _ in range(2 * SETTINGS.max_batch_size))
-    assert ServeSettings(max_inflight_cost=7).resolved_max_inflight_cost(latent_hw) == 7
+    assert all(g.admit(normal) for _ in range(2 * SETTINGS.max_batch_size)) and not g.admit(normal)
+    assert ServeSettings(max_inflight_cost=7).resolved_max_inflight_cost(100, 1) == 7
 
 
 def test_queue_settings():
