@@ -17,9 +17,14 @@ int ok();
 inline bool valid_dtype(int32_t d) { return d == DISTPP_FLOAT32 || d == DISTPP_FLOAT16 || d == DISTPP_BFLOAT16; }
 inline int64_t dtype_size(int32_t d) { return d == DISTPP_FLOAT32 ? 4 : 2; }
 
-// Element count limit: per-sample offsets are int64, but the CUDA grid is (blocks per sample, B) with
-// B on gridDim.y, whose limit is 65535.
+// Size limits of one call, the same in both libraries. The CUDA grid is (blocks per sample, B): B on
+// gridDim.y (at most 65535) and at most 2^31 - 1 blocks of kBlockThreads elements on x (the scalar path).
+constexpr int64_t kBlockThreads = 256;
 constexpr int64_t kMaxBatch = 65535;
+constexpr int64_t kMaxPer = (((int64_t)1 << 31) - 1) * kBlockThreads;
+// So numel < 2^56 and the largest latent buffer, [2B, per] float32, has a byte count (and every
+// element offset, numel + i included) well inside int64.
+static_assert(kMaxBatch * kMaxPer <= INT64_MAX / (2 * 4), "latent byte counts must fit in int64");
 
 int check_student_update(const distpp_student_update_params* p);
 int check_guided_update(const distpp_guided_update_params* p);

@@ -17,7 +17,7 @@ __global__ void __launch_bounds__(kThreads) guided_update_kernel(distpp_guided_u
   const StepCoef c = load_step(p.coef, p.step);
   const GuideCoef g = load_guide(p.gcoef, p.step, p.batch, b);
   const float lam = p.lam[b], cfg = p.cfg[b];  // read at run time: graph replays see updated values
-  const bool has_z = p.z != nullptr;
+  const bool has_z = p.draws_noise != 0;  // checked: z is set exactly then
   float x[VEC], m[VEC], n[VEC], mu[VEC], mc[VEC], z[VEC];
   load_vec<VEC>(p.x, DISTPP_FLOAT32, i, x);
   load_vec<VEC>(p.m_s, p.m_s_dtype, i, m);

@@ -14,7 +14,7 @@ __global__ void __launch_bounds__(kThreads) plain_update_kernel(distpp_plain_upd
   if (j >= per) return;
   const int64_t i = (int64_t)blockIdx.y * per + j;
   const StepCoef c = load_step(p.coef, p.step);
-  const bool has_z = p.z != nullptr;
+  const bool has_z = p.draws_noise != 0;  // checked: z is set exactly then
   float x[VEC], m[VEC], z[VEC];
   load_vec<VEC>(p.x, DISTPP_FLOAT32, i, x);
   load_vec<VEC>(p.m_s, p.m_s_dtype, i, m);

@@ -4,11 +4,12 @@
 #ifndef DISTPP_VEC_IO_CUH_
 #define DISTPP_VEC_IO_CUH_
 
+#include "abi_checks.h"
 #include "fused_math.h"
 
 namespace distpp {
 
-constexpr int kThreads = 256;
+constexpr int kThreads = (int)kBlockThreads;  // grid_for's blocks stay within abi_checks.h's kMaxPer
 
 template <int VEC>
 __device__ __forceinline__ void load_vec(const void* p, int32_t dtype, int64_t i, float (&v)[VEC]) {

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
-import math
+import numbers
 import operator
 from dataclasses import dataclass, field
 from typing import Any, Mapping
+
+import torch
 
 from .errors import ConfigError
 from .ops import KERNEL_IMPLS
@@ -25,15 +27,20 @@ class SamplerConfig:
     steps:           student steps N (default 4; or len(timesteps)).
     timesteps:       explicit student timesteps (lcm, dmd2, euler), e.g. (399,) for DMD2 1-step.
     guided_steps:    G, teacher-guided steps at the start, 0..N (default 1; 0 = plain student).
-    lam:             proximal weight in [0, 1]; None = the family default (DEFAULT_LAM).
-    cfg:             teacher CFG scale w >= 0 (default 7.5).
+    lam:             proximal weight in [0, 1]; None = the family default (DEFAULT_LAM). Python, numpy or
+                     0-d tensor numbers are taken and stored as a float (likewise cfg).
+    cfg:             teacher CFG scale w, 0 <= w <= FLOAT32_MAX (default 7.5; the guidance is float32).
     teacher_rule:    teacher timestep: "next" (the level the student's update moves to; default),
                      "same" (the student's t) or "random" (uniform integer in [next, t]).
     prediction_type: the student's: epsilon, v_prediction or sample.
     teacher_prediction_type: the teacher's.
     scheduler_config: a diffusers scheduler config overriding the family defaults.
     kernel_impl:     fused ops: auto (triton on CUDA, torch on CPU), torch, triton or cuda.
-    check_finite:    check inputs for NaN/inf before sampling (one host sync per call; default off).
+    check_finite:    check for NaN/inf: the inputs as the loop uses them (noise after its cast to float32
+                     and scaling by init_noise_sigma, conditioning after its cast to the model dtype)
+                     before the loop, and the result after it (cfg near FLOAT32_MAX or a diverging model
+                     overflow inside the math): InputError saying what to lower. Costs two host syncs
+                     per call (one before the loop, one after), so it is off by default.
     """
 
     family: str = "lcm"
@@ -71,10 +78,10 @@ class SamplerConfig:
         if not isinstance(self.guided_steps, int) or not (0 <= self.guided_steps <= n):
             raise ConfigError(f"guided_steps must be an integer in [0, {n}] (the number of steps), "
                               f"got {self.guided_steps!r}")
-        if self.lam is not None:
-            check_lam(self.lam)  # before resolved_lam's float(), which would raise a raw error on junk
+        if self.lam is not None:  # stored as a float: numpy / 0-d tensor values are taken, the config stays hashable
+            object.__setattr__(self, "lam", check_lam(self.lam))
         check_lam(self.resolved_lam)
-        check_cfg(self.cfg)
+        object.__setattr__(self, "cfg", check_cfg(self.cfg))
         if self.teacher_rule not in TEACHER_RULES:
             raise ConfigError(f"unknown teacher_rule {self.teacher_rule!r}; pass one of {', '.join(TEACHER_RULES)}")
         if self.kernel_impl not in KERNEL_IMPLS:
@@ -93,13 +100,54 @@ class SamplerConfig:
         return DEFAULT_LAM[self.family] if self.lam is None else float(self.lam)
 
 
-def check_lam(lam: float) -> float:
-    if not isinstance(lam, (int, float)) or not (0.0 <= float(lam) <= 1.0):
-        raise ConfigError(f"lam must be in [0, 1] (0 = no guidance; paper defaults 0.01-0.1), got {lam!r}")
-    return float(lam)
+# The sampler's lam/cfg buffers and guidance math are float32: a larger value would become inf there.
+FLOAT32_MAX = float(torch.finfo(torch.float32).max)  # 3.4028234663852886e38
 
 
-def check_cfg(cfg: float) -> float:
-    if not isinstance(cfg, (int, float)) or not math.isfinite(cfg) or cfg < 0:
-        raise ConfigError(f"cfg (the teacher's CFG scale) must be a finite number >= 0 (default 7.5), got {cfg!r}")
-    return float(cfg)
+def is_real_scalar(a: Any) -> bool:
+    """A real number: Python, numpy or a 0-d tensor/array (bools are not numbers here)."""
+    if isinstance(a, bool):
+        return False
+    return isinstance(a, numbers.Real) or (isinstance(a, torch.Tensor) and a.dim() == 0
+                                           and not a.dtype.is_complex and a.dtype != torch.bool) \
+        or (type(a).__module__ == "numpy" and getattr(a, "ndim", None) == 0 and getattr(a, "dtype", None) is not None
+            and a.dtype.kind in "iuf")
+
+
+def _real(a: Any) -> float | int | None:
+    """``a`` as a Python int (kept exact: 10**400 compares without overflow) or float, None if not a number."""
+    if not is_real_scalar(a):
+        return None
+    if isinstance(a, int):
+        return a
+    try:
+        return float(a)
+    except (OverflowError, TypeError, ValueError, RuntimeError):  # RuntimeError: a meta tensor
+        return None
+
+
+def _shown(a: Any) -> str:
+    """``repr(a)``, shortened: a 400-digit int would otherwise fill the message."""
+    r = repr(a)
+    return r if len(r) <= 40 else f"{r[:20]}...{r[-8:]} ({len(r)} characters)"
+
+
+def check_lam(lam: Any) -> float:
+    """``lam`` as a float; ConfigError unless it is a real number (Python, numpy or 0-d tensor) in [0, 1].
+    The one place this rule lives (SamplerConfig, Sampler.sample's per-call values and the service use it)."""
+    v = _real(lam)
+    if v is None or not (0 <= v <= 1):  # NaN fails both comparisons
+        raise ConfigError(f"lam must be a number in [0, 1] (0 = no guidance; paper defaults 0.01-0.1), "
+                          f"got {_shown(lam)}")
+    return float(v)
+
+
+def check_cfg(cfg: Any) -> float:
+    """``cfg`` as a float; ConfigError unless it is a real number in [0, FLOAT32_MAX] (the guidance runs in
+    float32: a larger value, finite as a float64, would be inf there). Values near the bound can still
+    overflow inside the guidance math; SamplerConfig(check_finite=True) checks the result for that."""
+    v = _real(cfg)
+    if v is None or not (0 <= v <= FLOAT32_MAX):
+        raise ConfigError(f"cfg (the teacher's CFG scale) must be a number >= 0 and at most {FLOAT32_MAX:.4g} "
+                          f"(float32's largest; default 7.5, typical 1-15), got {_shown(cfg)}")
+    return float(v)

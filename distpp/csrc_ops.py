@@ -23,44 +23,68 @@ import torch
 from .errors import BackendUnavailableError, DistppError, InputError
 
 ENV_VAR = "DISTPP_KERNELS_LIB"
-ABI_VERSION = 1  # DISTPP_ABI_VERSION of csrc/distpp_kernels.h this binding matches
+ABI_VERSION = 2  # DISTPP_ABI_VERSION of csrc/distpp_kernels.h this binding matches
 LIB_NAME = "libdistpp_kernels.so"
 
 _DTYPES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
-_ARG_ERRORS = {1, 2, 3, 4, 5}  # null pointer, size, dtype, misaligned, step: the caller's input
-_STATUS_CUDA, _STATUS_UNSUPPORTED = 6, 7
+# How statuses surface: the caller's input (null pointer, size, dtype, misaligned, step, invalid
+# argument) -> InputError; CUDA launch refused -> KernelLaunchError; UNSUPPORTED (reserved) and
+# ABI_MISMATCH (a library built from another header) -> BackendUnavailableError; anything else -> DistppError.
+_ARG_ERRORS = {1, 2, 3, 4, 5, 8}
+_STATUS_CUDA = 6
+_BACKEND_ERRORS = {7, 9}
 
 
 class KernelLaunchError(DistppError, RuntimeError):
     """A csrc kernel launch was refused by the CUDA runtime (the message has the CUDA error)."""
 
 
-_p, _i64, _i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int32
+_p, _i64, _i32, _u32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int32, ctypes.c_uint32
+_HEADER = [("struct_size", _u32), ("abi_version", _u32)]
 
 
-class StudentUpdateParams(ctypes.Structure):
+class _Params(ctypes.Structure):
+    """A params struct with its header filled: struct_size = sizeof, abi_version = ABI_VERSION.
+
+    Defaults follow the Python ops' convention: draws_noise = (z is not None) and teacher_rows =
+    2 * batch (the CFG pair), unless given.
+    """
+
+    def __init__(self, *args, **fields):
+        names = {f[0] for f in self._fields_}
+        fields.setdefault("struct_size", ctypes.sizeof(type(self)))
+        fields.setdefault("abi_version", ABI_VERSION)
+        if "draws_noise" in names:
+            fields.setdefault("draws_noise", int(fields.get("z") is not None))
+        if "teacher_rows" in names:
+            fields.setdefault("teacher_rows", 2 * int(fields.get("batch", 0)))
+        super().__init__(*args, **fields)
+
+
+class StudentUpdateParams(_Params):
     """distpp_student_update_params (field order and types as in csrc/distpp_kernels.h)."""
 
-    _fields_ = [("x", _p), ("m_s", _p), ("n", _p), ("coef", _p), ("gcoef", _p), ("out", _p),
-                ("batch", _i64), ("numel", _i64), ("num_steps", _i64), ("num_guided", _i64), ("step", _i64),
-                ("m_s_dtype", _i32), ("out_dtype", _i32)]
+    _fields_ = _HEADER + [("x", _p), ("m_s", _p), ("n", _p), ("coef", _p), ("gcoef", _p), ("out", _p),
+                          ("batch", _i64), ("numel", _i64), ("num_steps", _i64), ("num_guided", _i64),
+                          ("step", _i64), ("teacher_rows", _i64), ("m_s_dtype", _i32), ("out_dtype", _i32)]
 
 
-class GuidedUpdateParams(ctypes.Structure):
+class GuidedUpdateParams(_Params):
     """distpp_guided_update_params."""
 
-    _fields_ = [("x", _p), ("m_s", _p), ("n", _p), ("m_t", _p), ("z", _p), ("coef", _p), ("gcoef", _p),
-                ("lam", _p), ("cfg", _p), ("x_out", _p), ("xin_out", _p),
-                ("batch", _i64), ("numel", _i64), ("num_steps", _i64), ("num_guided", _i64), ("step", _i64),
-                ("m_s_dtype", _i32), ("m_t_dtype", _i32), ("xin_dtype", _i32)]
+    _fields_ = _HEADER + [("x", _p), ("m_s", _p), ("n", _p), ("m_t", _p), ("z", _p), ("coef", _p), ("gcoef", _p),
+                          ("lam", _p), ("cfg", _p), ("x_out", _p), ("xin_out", _p),
+                          ("batch", _i64), ("numel", _i64), ("num_steps", _i64), ("num_guided", _i64),
+                          ("step", _i64), ("teacher_rows", _i64),
+                          ("m_s_dtype", _i32), ("m_t_dtype", _i32), ("xin_dtype", _i32), ("draws_noise", _i32)]
 
 
-class PlainUpdateParams(ctypes.Structure):
+class PlainUpdateParams(_Params):
     """distpp_plain_update_params."""
 
-    _fields_ = [("x", _p), ("m_s", _p), ("z", _p), ("coef", _p), ("x_out", _p), ("xin_out", _p),
-                ("batch", _i64), ("numel", _i64), ("num_steps", _i64), ("step", _i64),
-                ("m_s_dtype", _i32), ("xin_dtype", _i32)]
+    _fields_ = _HEADER + [("x", _p), ("m_s", _p), ("z", _p), ("coef", _p), ("x_out", _p), ("xin_out", _p),
+                          ("batch", _i64), ("numel", _i64), ("num_steps", _i64), ("step", _i64),
+                          ("m_s_dtype", _i32), ("xin_dtype", _i32), ("draws_noise", _i32)]
 
 
 _PARAMS = {"student_update": StudentUpdateParams, "guided_update": GuidedUpdateParams,
@@ -125,8 +149,8 @@ class KernelLibrary:
                f"({self._lib.distpp_last_error_message().decode()})")
         if status in _ARG_ERRORS:
             raise InputError(msg)
-        if status == _STATUS_UNSUPPORTED:
-            raise BackendUnavailableError(msg)
+        if status in _BACKEND_ERRORS:
+            raise BackendUnavailableError(f"{msg}; rebuild csrc from this checkout")
         if status == _STATUS_CUDA:
             raise KernelLaunchError(msg)
         raise DistppError(msg)
@@ -143,9 +167,10 @@ class KernelLibrary:
 
         check_student_update(x, m_s, n, coef, gcoef, k, out)
         stream = self._stream(x)
-        p = StudentUpdateParams(x.data_ptr(), m_s.data_ptr(), n.data_ptr(), coef.data_ptr(), gcoef.data_ptr(),
-                                out.data_ptr(), x.shape[0], x.numel(), coef.shape[0], gcoef.shape[0], int(k),
-                                _DTYPES[m_s.dtype], _DTYPES[out.dtype])
+        p = StudentUpdateParams(x=x.data_ptr(), m_s=m_s.data_ptr(), n=n.data_ptr(), coef=coef.data_ptr(),
+                                gcoef=gcoef.data_ptr(), out=out.data_ptr(), batch=x.shape[0], numel=x.numel(),
+                                num_steps=coef.shape[0], num_guided=gcoef.shape[0], step=int(k),
+                                teacher_rows=out.shape[0], m_s_dtype=_DTYPES[m_s.dtype], out_dtype=_DTYPES[out.dtype])
         self.call("student_update", p, stream)
         return out
 
@@ -154,10 +179,12 @@ class KernelLibrary:
 
         check_guided_update(x, m_s, n, m_t, z, coef, gcoef, lam, cfg, k, x_out, xin_out)
         stream = self._stream(x)
-        p = GuidedUpdateParams(x.data_ptr(), m_s.data_ptr(), n.data_ptr(), m_t.data_ptr(), _ptr(z), coef.data_ptr(),
-                               gcoef.data_ptr(), lam.data_ptr(), cfg.data_ptr(), x_out.data_ptr(), _ptr(xin_out),
-                               x.shape[0], x.numel(), coef.shape[0], gcoef.shape[0], int(k), _DTYPES[m_s.dtype],
-                               _DTYPES[m_t.dtype], _DTYPES[xin_out.dtype] if xin_out is not None else 0)
+        p = GuidedUpdateParams(x=x.data_ptr(), m_s=m_s.data_ptr(), n=n.data_ptr(), m_t=m_t.data_ptr(), z=_ptr(z),
+                               coef=coef.data_ptr(), gcoef=gcoef.data_ptr(), lam=lam.data_ptr(), cfg=cfg.data_ptr(),
+                               x_out=x_out.data_ptr(), xin_out=_ptr(xin_out), batch=x.shape[0], numel=x.numel(),
+                               num_steps=coef.shape[0], num_guided=gcoef.shape[0], step=int(k),
+                               teacher_rows=m_t.shape[0], m_s_dtype=_DTYPES[m_s.dtype], m_t_dtype=_DTYPES[m_t.dtype],
+                               xin_dtype=_xin_dtype(xin_out), draws_noise=int(z is not None))
         self.call("guided_update", p, stream)
         return x_out
 
@@ -166,15 +193,20 @@ class KernelLibrary:
 
         check_plain_update(x, m_s, z, coef, k, x_out, xin_out)
         stream = self._stream(x)
-        p = PlainUpdateParams(x.data_ptr(), m_s.data_ptr(), _ptr(z), coef.data_ptr(), x_out.data_ptr(), _ptr(xin_out),
-                              x.shape[0], x.numel(), coef.shape[0], int(k), _DTYPES[m_s.dtype],
-                              _DTYPES[xin_out.dtype] if xin_out is not None else 0)
+        p = PlainUpdateParams(x=x.data_ptr(), m_s=m_s.data_ptr(), z=_ptr(z), coef=coef.data_ptr(),
+                              x_out=x_out.data_ptr(), xin_out=_ptr(xin_out), batch=x.shape[0], numel=x.numel(),
+                              num_steps=coef.shape[0], step=int(k), m_s_dtype=_DTYPES[m_s.dtype],
+                              xin_dtype=_xin_dtype(xin_out), draws_noise=int(z is not None))
         self.call("plain_update", p, stream)
         return x_out
 
 
 def _ptr(t: torch.Tensor | None) -> int | None:
     return None if t is None else t.data_ptr()
+
+
+def _xin_dtype(xin_out: torch.Tensor | None) -> int:
+    return _DTYPES[xin_out.dtype] if xin_out is not None else 0  # ignored by the library when NULL
 
 
 @functools.cache

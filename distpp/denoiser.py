@@ -31,12 +31,16 @@ class Cond:
     time_ids:              [B, 6] SDXL size/crop conditioning, else None.
     timestep_cond:         [B, time_cond_proj_dim] LCM guidance-scale embedding, else None (the UNet
                            adapter fills it in ``prepare``).
+    guidance:              [B] embedded guidance scale of a guidance-distilled teacher (FLUX.1-dev: its
+                           "CFG" is an input, one batch-B forward), else None. The sampler fills it from
+                           the call's device-resident cfg, so a captured graph replays with a new w.
     """
 
     encoder_hidden_states: torch.Tensor
     text_embeds: torch.Tensor | None = None
     time_ids: torch.Tensor | None = None
     timestep_cond: torch.Tensor | None = None
+    guidance: torch.Tensor | None = None
 
     def tensors(self) -> dict[str, torch.Tensor]:
         return {f.name: getattr(self, f.name) for f in fields(self) if getattr(self, f.name) is not None}

@@ -27,7 +27,7 @@ from .backends.plan import (BATCH, HEIGHT, OUTPUT, SAMPLE, WIDTH, input_names, o
 from .cache import ArtifactCache
 from .denoiser import Cond, UNetDenoiser, unet_forward
 from .dtypes import parse_dtype
-from .errors import BackendUnavailableError, ConfigError
+from .errors import BackendUnavailableError, ConfigError, DistppError
 
 ONNX_FILE = "model.onnx"
 DATA_FILE = "model.onnx.data"
@@ -267,16 +267,42 @@ def _parse(argv):
     return p.parse_args(argv)
 
 
+def _cli_device(name: str) -> torch.device:
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"--device {name} is not a device; pass --device cpu or --device cuda") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"--device {name}: no CUDA GPU is visible here; pass --device cpu")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise ConfigError(f"--device {name}: this machine has {torch.cuda.device_count()} GPU(s); pass --device cuda")
+    return device
+
+
 def main(argv=None) -> int:
+    """The CLI; bad input is one line on stderr (``distpp.export: ...``) and exit code 2."""
+    a = _parse(argv)
+    try:
+        return _run(a)
+    except DistppError as e:
+        print(f"distpp.export: {e}", file=sys.stderr)
+        return 2
+
+
+def _run(a: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from .presets import build_preset
 
-    a = _parse(argv)
+    if a.opset < 18:
+        raise ConfigError(f"--opset {a.opset} is too old; pass --opset 18 or newer")
+    if a.tol is not None and not a.tol > 0:
+        raise ConfigError(f"--tol {a.tol} must be positive; pass e.g. --tol 1e-4")
+    device = _cli_device(a.device)
     cfg = ExportConfig(opset=a.opset, dtype=a.dtype, dynamic_spatial=not a.static_spatial, exporter=a.exporter,
                        external_data={"auto": None, "yes": True, "no": False}[a.external_data])
     cache = ArtifactCache(a.cache_dir)
-    pair = build_preset(a.preset, device=a.device, weights=a.weights, force=a.force)
+    pair = build_preset(a.preset, device=device, weights=a.weights, force=a.force)
     hw, tokens = tuple(pair.info.latent_shape[1:]), pair.info.tokens
     roles = ("student", "teacher") if a.which == "both" else (a.which,)
     tol = a.tol if a.tol is not None else VERIFY_TOL[a.dtype]

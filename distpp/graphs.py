@@ -186,7 +186,10 @@ def alloc_static(plan: Plan, batch: int) -> Plan:
         t_in = None
         if plan.t_in is not None:
             t_in = _rows(plan.t_in, 0, 2, batch)
-    static = Plan(t_in=t_in, cond_s=cond_s, cond_t=cond_t, guided_steps=plan.guided_steps, **bufs)
+        # scratch for non-contiguous predictions (see Plan), never copied from a call's plan
+        m_s = torch.empty_like(bufs["x"])
+        m_t = _rows(bufs["x"], 0, 2, batch) if plan.guided_steps > 0 else None
+    static = Plan(t_in=t_in, cond_s=cond_s, cond_t=cond_t, guided_steps=plan.guided_steps, m_s=m_s, m_t=m_t, **bufs)
     fill_plan(static, plan)
     if t_in is not None:  # finite values before the first student_update (forward-only timing reads it)
         t_in.copy_(static.x_in.repeat((2,) + (1,) * (static.x_in.dim() - 1)).to(t_in.dtype))
@@ -336,7 +339,7 @@ class GraphRunner:
         """
         with device_guard(self.sampler.device):
             plan = self.sampler.prepare(cond, **kw)
-            return self._run(plan, copy=copy, timer=timer)
+            return self.sampler.check_result(self._run(plan, copy=copy, timer=timer), plan)
 
     def warmup(self, cond: Cond, *, batch_sizes: Iterable[int] | None = None, **kw) -> list[GraphKey]:
         """Capture (or, off CUDA, build the buffers of) the graphs for ``batch_sizes`` (default: cond's

@@ -11,14 +11,14 @@ A user's models come through :func:`load_pair` (diffusers ``from_pretrained``, l
 from __future__ import annotations
 
 import os
-import re
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from .denoiser import Cond, UNetDenoiser, sdxl_time_ids, text_time_dims
-from .errors import ConfigError, WeightsNotFoundError
+from .errors import ConfigError
+from .pipeline.fetch import load_unet  # the one UNet loader (local folders and Hub ids)
 
 _TINY = dict(
     sample_size=16, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
@@ -134,29 +134,6 @@ def build_preset(name: str = "tiny", *, device: torch.device | str = "cpu", dtyp
 
 def _to(module, device, dtype):
     return module.to(device=device) if dtype == torch.float32 else module.to(device=device, dtype=dtype)
-
-
-_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?")
-
-
-def load_unet(path_or_id: str, *, subfolder: str | None = None, device="cpu", dtype=torch.float32):
-    """A diffusers UNet from a local folder or a Hub id (clear error when weights are absent offline)."""
-    from diffusers import UNet2DConditionModel
-
-    path_or_id = str(path_or_id)
-    local = os.path.expanduser(path_or_id)
-    if os.path.isdir(local):
-        path_or_id = local
-    elif not _HUB_ID.fullmatch(path_or_id):  # "org/name" (or "name") is a Hub id; anything else is a path
-        raise WeightsNotFoundError(f"no model folder at {path_or_id!r}; pass an existing diffusers folder "
-                                   f"or a Hub id such as 'org/name'")
-    try:
-        unet = UNet2DConditionModel.from_pretrained(path_or_id, subfolder=subfolder, torch_dtype=dtype)
-    except (OSError, ValueError) as e:
-        raise WeightsNotFoundError(
-            f"could not load UNet weights from {path_or_id!r}{f' (subfolder {subfolder})' if subfolder else ''}: "
-            f"{e}. Offline, pass a local folder or pre-download the model into the Hub cache") from e
-    return unet.to(device).eval().requires_grad_(False)
 
 
 def load_pair(student: str, teacher: str, *, info: PresetInfo | None = None, device="cpu",

@@ -8,15 +8,18 @@ math, no syncs, no allocations of its own). The graph runner captures ``run_loop
 from __future__ import annotations
 
 import contextlib
-import numbers
+import math
 import operator
+import os
 from dataclasses import dataclass
 from typing import Any, Sequence
 
 import torch
 
 from .config import SamplerConfig, check_cfg, check_lam
+from .config import is_real_scalar as _is_scalar
 from .denoiser import Cond, ModelSpec, as_denoiser, check_cond
+from .dtypes import dtype_name
 from .errors import ConfigError, InputError
 from .ops import FusedOps, resolve_ops
 from .schedules import NUM_GCOLS, Schedule, build_schedule, teacher_coefficients
@@ -24,6 +27,10 @@ from .schedules import NUM_GCOLS, Schedule, build_schedule, teacher_coefficients
 # Base-seed offset of the guidance generator: sample seed s uses Generator(s) for the initial and
 # fresh noise and Generator(s + GUIDANCE_SEED_OFFSET) for the teacher re-noise (and random levels).
 GUIDANCE_SEED_OFFSET = 2**32
+# Largest latent per sample, in elements: the Triton kernels index within a sample with int32 offsets
+# (which the last block overhangs by up to 1023), so < 2**31 is a hard limit; 2**30 leaves margin and is
+# 16384x an SDXL 1024x1024 latent (4 x 128 x 128).
+MAX_LATENT_NUMEL = 2**30
 
 
 @dataclass
@@ -39,6 +46,10 @@ class Plan:
     t_student:[N, B] float32 student timesteps; t_teacher: [G, 2B] float32 teacher timesteps.
     lam, cfg: [B] float32 (device-resident: a captured graph reads them at replay).
     cond_s:   prepared student Cond [B]; cond_t: prepared teacher Cond [2B] (uncond rows first).
+    m_s, m_t: [B, C, H, W] and [2B, C, H, W] float32 contiguous buffers: a prediction that is not contiguous
+              (a UNet in channels_last) is copied into them before the fused ops, which index contiguous
+              memory; float32 holds every prediction dtype exactly. None (a Plan built by hand): such a
+              prediction is made contiguous per step instead, which allocates.
     """
 
     x: torch.Tensor
@@ -54,6 +65,8 @@ class Plan:
     cond_s: Cond
     cond_t: Cond | None
     guided_steps: int
+    m_s: torch.Tensor | None = None
+    m_t: torch.Tensor | None = None
 
     @property
     def batch(self) -> int:
@@ -70,7 +83,7 @@ def run_loop(student, teacher, ops: FusedOps, schedule: Schedule, plan: Plan, ti
     if timer is not None:
         timer.lap("other")  # what came before the loop (prepare) counts as "other"
     for k in range(N):
-        m_s = _checked("student", student(plan.x_in, plan.t_student[k], plan.cond_s), plan.x)
+        m_s = _contiguous(_checked("student", student(plan.x_in, plan.t_student[k], plan.cond_s), plan.x), plan.m_s)
         if timer is not None:
             timer.lap("student")
         z = plan.z[k] if schedule.draws_noise[k] else None
@@ -79,7 +92,8 @@ def run_loop(student, teacher, ops: FusedOps, schedule: Schedule, plan: Plan, ti
             ops.student_update(plan.x, m_s, plan.n[k], coef, plan.gcoef, k, plan.t_in)
             if timer is not None:
                 timer.lap("guidance")
-            m_t = _checked("teacher", teacher(plan.t_in, plan.t_teacher[k], plan.cond_t), plan.t_in)
+            m_t = _contiguous(_checked("teacher", teacher(plan.t_in, plan.t_teacher[k], plan.cond_t), plan.t_in),
+                              plan.m_t)
             if timer is not None:
                 timer.lap("teacher")
             ops.guided_update(plan.x, m_s, plan.n[k], m_t, z, coef, plan.gcoef, plan.lam, plan.cfg, k,
@@ -94,13 +108,27 @@ def run_loop(student, teacher, ops: FusedOps, schedule: Schedule, plan: Plan, ti
 
 
 def _checked(who: str, m, like: torch.Tensor) -> torch.Tensor:
-    """``m`` if it is a float prediction shaped like the model input ``like`` (host metadata only, no
-    sync); a wrong shape would otherwise broadcast silently in the torch ops (e.g. [1, C, H, W])."""
-    if not isinstance(m, torch.Tensor) or m.shape != like.shape or not m.is_floating_point():
+    """``m`` if it is a float prediction shaped like the model input ``like`` on its device (host metadata
+    only, no sync); a wrong shape would otherwise broadcast silently in the torch ops (e.g. [1, C, H, W]),
+    and a meta or other-device tensor fail inside them."""
+    if not isinstance(m, torch.Tensor) or m.shape != like.shape or not m.is_floating_point() \
+            or m.device != like.device:
         raise InputError(f"the {who} model returned {getattr(m, 'shape', type(m).__name__)} "
-                         f"{getattr(m, 'dtype', '')} for an input of shape {tuple(like.shape)}; a Denoiser must "
-                         "return a float prediction of its input's shape")
+                         f"{getattr(m, 'dtype', '')} on {getattr(m, 'device', '-')} for an input of shape "
+                         f"{tuple(like.shape)} on {like.device}; a Denoiser must return a float prediction of its "
+                         "input's shape on its device")
     return m
+
+
+def _contiguous(m: torch.Tensor, buf: torch.Tensor | None) -> torch.Tensor:
+    """``m`` itself when contiguous (no copy), else ``m`` copied into the plan's buffer ``buf``. Checks host
+    metadata only; in a captured graph the branch taken at capture holds, as the model's layout does."""
+    if m.is_contiguous():
+        return m
+    if buf is None:
+        return m.contiguous()
+    buf.copy_(m)
+    return buf
 
 
 def device_guard(device: torch.device):
@@ -200,7 +228,22 @@ class Sampler:
                                 latent_shape=latent_shape, noise=noise, seeds=seeds, generators=generators,
                                 guidance_generators=guidance_generators, lam=lam, cfg=cfg)
             with torch.inference_mode():
-                return run_loop(self.student, self.teacher, self.ops, self.schedule, plan, timer)
+                return self.check_result(run_loop(self.student, self.teacher, self.ops, self.schedule, plan, timer),
+                                         plan)
+
+    def check_result(self, out: torch.Tensor, plan: Plan) -> torch.Tensor:
+        """``out`` unless ``check_finite`` is on and it holds NaN or inf (one host sync): then InputError
+        naming the settings to lower. cfg near FLOAT32_MAX passes check_cfg yet overflows inside the
+        guidance (m_u + cfg (m_c - m_u)); a non-finite result is never returned as a success."""
+        if not self.config.check_finite or bool(torch.isfinite(out).all()):
+            return out
+        if plan.guided_steps == 0:
+            what = "no step was guided, so check the student's predictions"
+        else:
+            what = (f"lower cfg (up to {plan.cfg.max().item():.3g} in this call; typical 1-15) or lam (up to "
+                    f"{plan.lam.max().item():.3g}), or check the models' predictions")
+        raise InputError(f"the sampled latents contain NaN or inf although the inputs were finite: the guidance "
+                         f"overflowed float32 or a model's prediction was not finite; {what}")
 
     # ------------------------------------------------------------------------------------------------
     def prepare(self, cond: Cond, *, uncond=None, teacher_cond=None, teacher_uncond=None, latent_shape=None,
@@ -231,14 +274,6 @@ class Sampler:
             check_cond("teacher uncond", t_spec, tu, B)
             cond_t = Cond.cat(tu, tc)
         gens, ggens = self._generators(B, seeds, generators, guidance_generators)
-        if cfgs.check_finite:
-            for name, c in (("cond", cond), ("teacher cond", cond_t)):
-                if c is not None:
-                    for k, v in c.tensors().items():
-                        if not torch.isfinite(v).all():
-                            raise InputError(f"{name} {k} contains NaN or inf")
-            if noise is not None and not torch.isfinite(noise).all():
-                raise InputError("noise contains NaN or inf")
 
         # --- everything validated: draw noise and build the per-call buffers -----------------------
         per = (1,) + tuple(shape[1:])
@@ -279,8 +314,34 @@ class Sampler:
         cond_s = self.student.prepare(cond.to(dev, self.dtype))
         if cond_t is not None:
             cond_t = self.teacher.prepare(cond_t.to(dev, self.teacher_dtype))
+        if cfgs.check_finite:  # on the buffers the loop reads, i.e. after every cast and scaling
+            self._check_finite(x if noise is not None else None, x_in, cond_s, cond_t, B)
+        m_s = torch.empty(shape, **f32)
+        m_t = torch.empty((2 * B,) + tuple(shape[1:]), **f32) if G > 0 else None
         return Plan(x=x, x_in=x_in, z=z, n=n, t_in=t_in, gcoef=gcoef, t_student=t_student, t_teacher=t_teacher,
-                    lam=_to_device(lam_v, dev), cfg=_to_device(cfg_v, dev), cond_s=cond_s, cond_t=cond_t, guided_steps=G)
+                    lam=_to_device(lam_v, dev), cfg=_to_device(cfg_v, dev), cond_s=cond_s, cond_t=cond_t, guided_steps=G,
+                    m_s=m_s, m_t=m_t)
+
+    def _check_finite(self, x, x_in, cond_s: Cond, cond_t: Cond | None, B: int) -> None:
+        """InputError naming the first buffer that holds NaN or inf (one host sync when all are finite).
+        x: the given noise as float32 times init_noise_sigma, x_in: the student's input (None: drawn noise)."""
+        checks = []
+        if x is not None:
+            sigma = self.schedule.init_noise_sigma
+            checks += [(f"noise contains NaN or inf after its cast to float32 and the scaling by init_noise_sigma "
+                        f"= {sigma:.4g}", x),
+                       ("noise contains NaN or inf after its scaling to the student's input", x_in)]
+        rows = [("cond", cond_s, slice(None))]
+        if cond_t is not None:
+            rows += [("uncond", cond_t, slice(0, B)), ("teacher cond", cond_t, slice(B, 2 * B))]
+        checks += [(f"{who} {k} contains NaN or inf after the cast to the model dtype", v[r])
+                   for who, c, r in rows for k, v in c.tensors().items()]
+        ok = torch.stack([torch.isfinite(t).all() for _, t in checks])
+        if bool(ok.all()):
+            return
+        msg, t = next(c for c, good in zip(checks, ok.tolist()) if not good)
+        raise InputError(f"{msg} ({dtype_name(t.dtype)}); pass finite values within its range "
+                         f"(|v| <= {torch.finfo(t.dtype).max:.4g})")
 
     # ------------------------------------------------------------------------------------------------
     def _latent_shape(self, B, latent_shape, noise, spec: ModelSpec) -> tuple[int, ...]:
@@ -291,7 +352,10 @@ class Sampler:
                                  f"{getattr(noise, 'shape', type(noise).__name__)}")
             if noise.shape[0] != B:
                 raise InputError(f"noise has batch {noise.shape[0]} but cond has {B} rows; they must match")
-            if latent_shape is not None and tuple(latent_shape) != tuple(noise.shape[1:]):
+            given = None if latent_shape is None else _as_tuple(latent_shape)
+            if latent_shape is not None and given is None:
+                raise InputError(f"latent_shape must be (C, H, W), got {latent_shape!r}")
+            if given is not None and given != tuple(noise.shape[1:]):
                 raise InputError(f"latent_shape {latent_shape!r} disagrees with noise of shape {tuple(noise.shape)}; "
                                  "pass one of them")
             shape = tuple(noise.shape)
@@ -310,7 +374,28 @@ class Sampler:
         if spec.in_channels is not None and shape[1] != spec.in_channels:
             raise InputError(f"latents have {shape[1]} channels but the student takes {spec.in_channels}; "
                              f"pass latent_shape=({spec.in_channels}, H, W)")
+        self._check_size(shape)
         return shape
+
+    def _check_size(self, shape: tuple[int, ...]) -> None:
+        """InputError for latents the fused ops cannot index, or whose buffers alone would exceed the device's
+        memory: host arithmetic on Python ints (no overflow), before anything is allocated."""
+        B, per = shape[0], math.prod(shape[1:])
+        if per > MAX_LATENT_NUMEL:
+            raise InputError(f"latent shape {shape[1:]} has {per} elements per sample; distpp takes at most "
+                             f"{MAX_LATENT_NUMEL} (2**30) elements per sample (the fused ops index a sample with "
+                             "32-bit offsets): pass a smaller latent_shape")
+        N, G = self.schedule.steps, self.config.guided_steps
+        # bytes per latent element of one sample: x, z [N], n [G], m_s (float32); x_in; with guidance
+        # m_t and t_in (2 rows each)
+        each = 4 * (2 + N + G) + _itemsize(self.dtype) + (2 * (4 + _itemsize(self.teacher_dtype)) if G else 0)
+        cap = device_memory_bytes(self.device)
+        if cap is not None and B * per * each > cap:
+            most = cap // (B * each)
+            raise InputError(f"latents {shape[1:]} for {B} samples need {_size(B * per * each)} of sampler buffers "
+                             f"({N} steps, {G} guided) but {self.device} has {_size(cap)} in all; at this batch and "
+                             f"step count pass at most {most} elements per sample (a smaller latent_shape)"
+                             + ("" if most else " or fewer samples"))
 
     def _generators(self, B, seeds, generators, guidance_generators):
         if generators is not None or guidance_generators is not None:
@@ -334,14 +419,12 @@ class Sampler:
         return make_generators(seeds, self.device), make_generators(seeds, self.device, GUIDANCE_SEED_OFFSET)
 
 
-def _is_scalar(a: Any) -> bool:
-    """A real number: Python, numpy or a 0-d tensor/array (bools are not numbers here)."""
-    if isinstance(a, bool):
-        return False
-    return isinstance(a, numbers.Real) or (isinstance(a, torch.Tensor) and a.dim() == 0
-                                           and not a.dtype.is_complex and a.dtype != torch.bool) \
-        or (type(a).__module__ == "numpy" and getattr(a, "ndim", None) == 0 and getattr(a, "dtype", None) is not None
-            and a.dtype.kind in "iuf")
+def _as_tuple(v: Any) -> tuple | None:
+    """``tuple(v)``, or None when ``v`` is not iterable (a latent_shape of 4)."""
+    try:
+        return tuple(v)
+    except TypeError:
+        return None
 
 
 def _per_sample(name: str, v: Any, B: int, check) -> torch.Tensor:
@@ -358,7 +441,29 @@ def _per_sample(name: str, v: Any, B: int, check) -> torch.Tensor:
                 from None
     if len(vals) != B:
         raise InputError(f"{name} must be a number or one value per sample ({B}), got {len(vals)} values")
-    return torch.tensor([check(float(a)) if _is_scalar(a) else check(a) for a in vals], dtype=torch.float32)
+    return torch.tensor([check(a) for a in vals], dtype=torch.float32)  # check: numbers of any form -> float
+
+
+def device_memory_bytes(device: torch.device) -> int | None:
+    """Total memory of ``device`` in bytes, from host metadata (the CUDA device's properties; for CPU the
+    host's physical memory); None where unknown."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device.index if device.index is not None
+                                                else torch.cuda.current_device()).total_memory
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") if device.type == "cpu" else None
+    except (AttributeError, OSError, ValueError):  # no sysconf (Windows) or no such name
+        return None
+
+
+def _itemsize(dtype: torch.dtype) -> int:
+    return torch.finfo(dtype).bits // 8
+
+
+def _size(nbytes: int) -> str:
+    if nbytes >= 2**20:
+        return f"{nbytes / 2**30:.1f} GiB" if nbytes >= 2**30 else f"{nbytes / 2**20:.1f} MiB"
+    return f"{nbytes} bytes"
 
 
 def _to_device(t: torch.Tensor, dev: torch.device) -> torch.Tensor:

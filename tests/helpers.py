@@ -64,3 +64,17 @@ def gaussian_conds(B, width=8, seed=0):
     cond = Cond(torch.randn(B, 3, width, generator=g))
     uncond = Cond(torch.zeros(1, 3, width))
     return cond, uncond
+
+
+def channels_last_pair(pair):
+    """(student, teacher) Denoisers over copies of ``pair``'s UNets moved to ``torch.channels_last`` (a common
+    speed setting; their predictions come back channels_last, i.e. not contiguous). ``pair`` is untouched."""
+    import copy
+
+    from distpp.denoiser import UNetDenoiser
+
+    def moved(d):
+        unet = copy.deepcopy(d.unet).to(memory_format=torch.channels_last)
+        return UNetDenoiser(unet, w_embed=d.w_embed, prediction_type=d.spec.prediction_type)
+
+    return moved(pair.student), moved(pair.teacher)

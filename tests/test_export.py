@@ -147,3 +147,16 @@ def test_config_errors():
         ExportConfig(dtype="bf16")
     with pytest.raises(ConfigError, match="exporter"):
         ExportConfig(exporter="script")
+
+
+@pytest.mark.parametrize("argv,match", [
+    (["--preset", "tinyy"], "unknown preset 'tinyy'"),
+    (["--weights", "/nonexistent"], "no model folder at '/nonexistent"),
+    (["--opset", "17"], "--opset 17"),
+    (["--device", "cuda:99" if torch.cuda.is_available() else "cuda"], "--device cuda"),
+    (["--device", "gpu"], "--device gpu"),
+], ids=["preset", "weights", "opset", "device-cuda", "device-name"])
+def test_cli_errors_are_one_line_and_exit_2(tmp_path, capsys, argv, match):
+    assert main(argv + ["--cache-dir", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("distpp.export: ") and match in err and err.count("\n") == 1, err

@@ -70,13 +70,77 @@ def test_known_pair_fills_defaults_and_options_override():
     assert kw["student_weights"] == "w.safetensors"
 
 
+def _one_line_error(capsys) -> str:
+    err = capsys.readouterr().err
+    assert err.startswith("python -m distpp.generate: error: ") and err.count("\n") == 1, err
+    return err
+
+
 def test_generate_errors_exit_2(repos, tmp_path, capsys):
     base = ["--prompt", "a cat", "--out", str(tmp_path / "o"), "--offline", "--no-progress"]
-    assert main(base + ["--student", repos["sd_lcm"], "--teacher", repos["sd_teacher"], "--family", "lcm9"]) == 2
-    assert "unknown family 'lcm9'" in capsys.readouterr().err
+    pair = ["--student", repos["sd_lcm"], "--teacher", repos["sd_teacher"]]
+    assert main(base + pair + ["--family", "lcm9"]) == 2
+    assert "unknown family 'lcm9'" in _one_line_error(capsys)
     assert main(base + ["--student", repos["sd_lcm"], "--family", "lcm"]) == 2
-    assert "--teacher" in capsys.readouterr().err
+    assert "--teacher" in _one_line_error(capsys)
     missing = str(tmp_path / "missing")
     assert main(base + ["--student", missing, "--teacher", repos["sd_teacher"], "--family", "lcm"]) == 2
-    assert "no model folder" in capsys.readouterr().err
+    assert "no model folder" in _one_line_error(capsys)
     assert not os.path.exists(tmp_path / "o")
+
+
+def test_generate_errors_speak_cli(repos, tmp_path, capsys):
+    """Messages name the options (--dtype float32), not the Python keywords (dtype=torch.float32)."""
+    base = ["--prompt", "a cat", "--out", str(tmp_path / "o"), "--offline", "--no-progress", "--student",
+            repos["sd_lcm"], "--teacher", repos["sd_teacher"], "--family", "lcm"]
+    assert main(base + ["--device", "cpu", "--dtype", "float16"]) == 2
+    err = _one_line_error(capsys)
+    assert "pass --dtype float32 or bfloat16" in err and "torch." not in err
+    assert main(base + ["--steps", "60"]) == 2
+    err = _one_line_error(capsys)
+    assert "--steps 60 is more than the lcm schedule's original_inference_steps (50)" in err
+    assert "pass at most --steps 50" in err and "strength" not in err
+    assert main(base + ["--backend", "tensorrt"]) == 2  # refused before any weights load
+    assert "or pass --backend eager" in _one_line_error(capsys)
+    assert main(base + ["--guided-steps", "7"]) == 2
+    assert "--guided-steps must be an integer in [0, 4]" in _one_line_error(capsys)
+    turbo = base[:-6] + ["--student", repos["xl_turbo"], "--teacher", repos["xl_teacher"], "--family", "lcm"]
+    assert main(turbo) == 2
+    err = _one_line_error(capsys)
+    assert "but --family lcm was passed: pass --family euler_a, or --allow-family-mismatch" in err
+    (tmp_path / "file").write_text("")
+    assert main(base[:2] + ["--out", str(tmp_path / "file")] + base[4:]) == 2
+    assert "--out" in _one_line_error(capsys)
+    assert not os.path.exists(tmp_path / "o")
+
+
+@pytest.mark.parametrize("bad", [["--graphs", "maybe"], ["--backend", "fast"], ["--num-images", "0"],
+                                 ["--steps", "two"]])
+def test_argument_errors_are_one_line_exit_2(bad, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["--prompt", "x", "--pair", "sdxl-turbo"] + bad)
+    assert e.value.code == 2
+    assert bad[0] in _one_line_error(capsys)
+
+
+def test_generate_with_graphs_on_warms_up_and_matches_graphs_off(repos, tmp_path, capsys, monkeypatch):
+    from distpp.runtime import Runtime
+
+    runs = []
+    sample = Runtime.sample
+
+    def counted(self, *a, **k):
+        runs.append(self.graphs)
+        return sample(self, *a, **k)
+
+    monkeypatch.setattr(Runtime, "sample", counted)
+    base = ["--prompt", "a cat", "--prompt", "a dog", "--student", repos["sd_lcm"], "--teacher", repos["sd_teacher"],
+            "--family", "lcm", "--steps", "2", "--offline", "--compare"]
+    assert main(base + ["--graphs", "on", "--out", str(tmp_path / "on")]) == 0
+    err = capsys.readouterr().err
+    assert "distpp warm-up" in err and "2/2" in err  # guided and unguided configs, one batch bucket (2)
+    assert runs == [True, True]  # the guided and the unguided call, both through the Runtime's runners
+    assert main(base + ["--graphs", "off", "--out", str(tmp_path / "off"), "--no-progress"]) == 0
+    assert "warm-up" not in capsys.readouterr().err
+    for name in ("000_seed0.png", "001_seed1_unguided.png"):
+        assert np.array_equal(_png(tmp_path / "on" / name), _png(tmp_path / "off" / name))

@@ -31,8 +31,9 @@ def _byte_chars() -> list[str]:
     return [chr(c) for c in cs]
 
 
-def _save_tokenizer(folder: str) -> int:
-    """A CLIPTokenizer with a tiny vocabulary (bytes, bytes + </w>, 'cat', specials); returns its size."""
+def _save_tokenizer(folder: str, merges: str = "c a\nca t</w>\n") -> int:
+    """A CLIPTokenizer with a tiny vocabulary (bytes, bytes + </w>, 'cat', specials); returns its size.
+    ``merges`` (BPE merge rules, one a line) changes how prompts split into ids, not the vocabulary."""
     from transformers import CLIPTokenizer
 
     chars = _byte_chars()
@@ -42,7 +43,7 @@ def _save_tokenizer(folder: str) -> int:
     with open(os.path.join(src, "vocab.json"), "w") as f:
         json.dump({t: i for i, t in enumerate(vocab)}, f)
     with open(os.path.join(src, "merges.txt"), "w") as f:
-        f.write("#version: 0.2\nc a\nca t</w>\n")
+        f.write("#version: 0.2\n" + merges)
     tok = CLIPTokenizer(os.path.join(src, "vocab.json"), os.path.join(src, "merges.txt"),
                         model_max_length=VOCAB_MAX_LEN)
     tok.save_pretrained(folder)
@@ -68,13 +69,39 @@ def _unet(config: dict, seed: int, **over):
     return UNet2DConditionModel(**dict(config, **over)).eval()
 
 
-def _vae(seed: int):
+def _vae(seed: int, **over):
     from diffusers import AutoencoderKL
 
     torch.manual_seed(seed)
     return AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
                          up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 16), latent_channels=4,
-                         norm_num_groups=8, layers_per_block=1, sample_size=32).eval()
+                         norm_num_groups=8, layers_per_block=1, sample_size=32, **over).eval()
+
+
+def _save_scheduler(folder: str, cls_name: str, **over) -> None:
+    """A scheduler config of ``cls_name`` on the SD training schedule (what released students ship)."""
+    import diffusers
+
+    from distpp.schedules import SD_SCHEDULE
+
+    getattr(diffusers, cls_name)(**dict(SD_SCHEDULE, **over)).save_pretrained(folder)
+
+
+def _student_pipeline(teacher: str, folder: str, index_class: str, unet, scheduler: tuple[str, dict]) -> None:
+    """A full student pipeline (Turbo / LCM-Dreamshaper style): the teacher's encoders and VAE, its own UNet
+    and scheduler."""
+    shutil.copytree(teacher, folder)
+    for sub in ("unet", "scheduler"):
+        shutil.rmtree(os.path.join(folder, sub))
+    unet.save_pretrained(os.path.join(folder, "unet"))
+    _save_scheduler(os.path.join(folder, "scheduler"), scheduler[0], **scheduler[1])
+    with open(os.path.join(folder, "model_index.json")) as f:
+        index = json.load(f)
+    index.update(_class_name=index_class, scheduler=["diffusers", scheduler[0]])
+    if index_class == "LatentConsistencyModelPipeline":
+        index.update(safety_checker=[None, None], feature_extractor=[None, None], requires_safety_checker=False)
+    with open(os.path.join(folder, "model_index.json"), "w") as f:
+        json.dump(index, f)
 
 
 def _save_teacher(root: str, xl: bool) -> None:
@@ -111,43 +138,77 @@ def _save_config_only(folder: str, config: dict) -> None:
         json.dump(dict(cfg, _class_name="UNet2DConditionModel"), f)
 
 
-def _save_lora(teacher_unet_dir: str, path: str) -> None:
-    """A UNet LoRA with random (non-zero) A and B, keys prefixed ``unet.`` as diffusers pipelines save."""
-    from diffusers import UNet2DConditionModel
+LORA_RANK, LORA_ALPHA = 4, 8  # scale alpha / rank = 2: what the adapter metadata carries
+
+
+def _save_lora(teacher_unet_dir: str, folder: str, metadata: bool) -> None:
+    """A UNet LoRA (rank 4, alpha 8) with random non-zero A and B, saved by diffusers' own
+    ``save_lora_weights`` (keys prefixed ``unet.``); with ``metadata`` its LoraConfig goes into the
+    safetensors header as ``lora_adapter_metadata``, as diffusers >= 0.35 training scripts save it.
+    Without it, a reader can only infer alpha = rank (scale 1)."""
+    from diffusers import StableDiffusionPipeline, UNet2DConditionModel
     from peft import LoraConfig
     from peft.utils import get_peft_model_state_dict
-    from safetensors.torch import save_file
 
     unet = UNet2DConditionModel.from_pretrained(teacher_unet_dir)
     torch.manual_seed(7)
-    unet.add_adapter(LoraConfig(r=4, lora_alpha=4, init_lora_weights=False,
-                                target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
-    sd = get_peft_model_state_dict(unet)
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    save_file({f"unet.{k}": v.contiguous() for k, v in sd.items()}, path)
+    config = LoraConfig(r=LORA_RANK, lora_alpha=LORA_ALPHA, init_lora_weights=False,
+                        target_modules=["to_q", "to_k", "to_v", "to_out.0"])
+    unet.add_adapter(config)
+    layers = {k: v.contiguous() for k, v in get_peft_model_state_dict(unet).items()}
+    StableDiffusionPipeline.save_lora_weights(folder, unet_lora_layers=layers,
+                                              unet_lora_adapter_metadata=config.to_dict() if metadata else None)
 
 
 def build_tiny_repos(root: str) -> dict[str, str]:
-    """Write every tiny repo the pipeline tests load; returns name -> folder."""
+    """Write every tiny repo the pipeline tests load; returns name -> folder.
+
+    sd_teacher, xl_teacher:  SD1.5- / SDXL-style teacher pipelines (DDPMScheduler config);
+    xl_teacher_lm:           xl_teacher with a VAE whose config has latents_mean / latents_std;
+    sd_lcm, xl_lcm:          LCM UNet folders (time_cond_proj_dim);
+    sd_lcm_pipe:             an SD1.5 LCM student pipeline (LatentConsistencyModelPipeline, LCMScheduler);
+    sd_lcm_tok:              sd_lcm_pipe with the teacher's encoder weights but another tokenizer (other merges);
+    xl_turbo:                an SDXL Turbo-style student pipeline (EulerAncestralDiscreteScheduler, trailing);
+    sd_file, xl_file:        UNet state-dict files (safetensors) in the teachers' architectures (sd_file also
+                             one of cross_attention_dim 16, which fits no teacher);
+                             xl_file also holds a torch .bin copy (DMD2 ships one);
+    lora, lora_meta:         one SD1.5 LoRA saved without / with diffusers' adapter metadata;
+    bad_channels, bad_width: UNet configs with no weights that do not fit sd_teacher.
+    """
     from safetensors.torch import save_file
 
     r = {n: os.path.join(root, n) for n in (
-        "sd_teacher", "sd_lcm", "sd_file", "xl_teacher", "xl_lcm", "xl_turbo", "bad_channels", "bad_width",
-        "lora")}
+        "sd_teacher", "sd_lcm", "sd_file", "xl_teacher", "xl_teacher_lm", "xl_lcm", "xl_turbo", "xl_file",
+        "sd_lcm_pipe", "sd_lcm_tok", "bad_channels", "bad_width", "lora", "lora_meta")}
     _save_teacher(r["sd_teacher"], xl=False)
     _save_teacher(r["xl_teacher"], xl=True)
+    shutil.copytree(r["xl_teacher"], r["xl_teacher_lm"])
+    shutil.rmtree(os.path.join(r["xl_teacher_lm"], "vae"))
+    _vae(3, latents_mean=[0.1, -0.2, 0.3, 0.05], latents_std=[0.9, 1.2, 0.7, 1.1]).save_pretrained(
+        os.path.join(r["xl_teacher_lm"], "vae"))
     _unet(_TINY, 21, time_cond_proj_dim=32).save_pretrained(r["sd_lcm"])
     _unet(_TINY_XL, 22, time_cond_proj_dim=32).save_pretrained(r["xl_lcm"])
     os.makedirs(r["sd_file"])
     save_file(_unet(_TINY, 23).state_dict(), os.path.join(r["sd_file"], "student_4step_unet.safetensors"))
-    # A full student pipeline (Turbo-style): the teacher's encoders and VAE, its own UNet.
-    shutil.copytree(r["xl_teacher"], r["xl_turbo"])
-    shutil.rmtree(os.path.join(r["xl_turbo"], "unet"))
-    _unet(_TINY_XL, 24).save_pretrained(os.path.join(r["xl_turbo"], "unet"))
+    save_file(_unet(_TINY, 27, cross_attention_dim=16).state_dict(),
+              os.path.join(r["sd_file"], "other_width.safetensors"))
+    os.makedirs(r["xl_file"])
+    xl_sd = _unet(_TINY_XL, 25).state_dict()
+    save_file(xl_sd, os.path.join(r["xl_file"], "student_unet.safetensors"))
+    torch.save(xl_sd, os.path.join(r["xl_file"], "student_unet.bin"))
+    _student_pipeline(r["xl_teacher"], r["xl_turbo"], "StableDiffusionXLPipeline", _unet(_TINY_XL, 24),
+                      ("EulerAncestralDiscreteScheduler", dict(timestep_spacing="trailing")))
+    _student_pipeline(r["sd_teacher"], r["sd_lcm_pipe"], "LatentConsistencyModelPipeline",
+                      _unet(_TINY, 26, time_cond_proj_dim=32),
+                      ("LCMScheduler", dict(original_inference_steps=50, timestep_scaling=10.0)))
+    shutil.copytree(r["sd_lcm_pipe"], r["sd_lcm_tok"])
+    shutil.rmtree(os.path.join(r["sd_lcm_tok"], "tokenizer"))
+    _save_tokenizer(os.path.join(r["sd_lcm_tok"], "tokenizer"), merges="c a\n")  # "cat" -> "ca", "t</w>"
     _save_config_only(r["bad_channels"], dict(_TINY, in_channels=8, out_channels=8))
     _save_config_only(r["bad_width"], dict(_TINY, cross_attention_dim=16))
     if _has_peft():
-        _save_lora(os.path.join(r["sd_teacher"], "unet"), os.path.join(r["lora"], "pytorch_lora_weights.safetensors"))
+        for name, metadata in (("lora", False), ("lora_meta", True)):
+            _save_lora(os.path.join(r["sd_teacher"], "unet"), r[name], metadata)
     return r
 
 

@@ -62,16 +62,20 @@ int main() {
   CHECK_CUDA(cudaMemcpyAsync(d_cfg, cfg.data(), B * 4, cudaMemcpyHostToDevice, stream));
 
   // Guided step 0: student forward -> m_s (stand-in above); re-noise into the teacher's 2B input.
-  const distpp_student_update_params sp = {x, m_s, n, d_coef, d_gcoef, teacher_in, B, N, 2, 1, 0,
+  const distpp_student_update_params sp = {DISTPP_PARAMS_HEADER(distpp_student_update_params),
+                                           x, m_s, n, d_coef, d_gcoef, teacher_in, B, N, 2, 1, 0, 2 * B,
                                            DISTPP_FLOAT32, DISTPP_FLOAT32};
   CHECK_DISTPP(distpp_student_update(&sp, stream));
   // Teacher forward on teacher_in -> m_t [2B] (uncond rows first); then the fused guided update in place.
-  const distpp_guided_update_params gp = {x, m_s, n, m_t, z, d_coef, d_gcoef, d_lam, d_cfg, x, x_in,
-                                          B, N, 2, 1, 0, DISTPP_FLOAT32, DISTPP_FLOAT32, DISTPP_FLOAT32};
+  const distpp_guided_update_params gp = {DISTPP_PARAMS_HEADER(distpp_guided_update_params),
+                                          x, m_s, n, m_t, z, d_coef, d_gcoef, d_lam, d_cfg, x, x_in,
+                                          B, N, 2, 1, 0, 2 * B, DISTPP_FLOAT32, DISTPP_FLOAT32, DISTPP_FLOAT32,
+                                          /*draws_noise=*/1};
   CHECK_DISTPP(distpp_guided_update(&gp, stream));
   // Step 1 (unguided, last): no fresh noise, no next model input.
-  const distpp_plain_update_params pp = {x, m_s, nullptr, d_coef, x, nullptr, B, N, 2, 1,
-                                         DISTPP_FLOAT32, DISTPP_FLOAT32};
+  const distpp_plain_update_params pp = {DISTPP_PARAMS_HEADER(distpp_plain_update_params),
+                                         x, m_s, nullptr, d_coef, x, nullptr, B, N, 2, 1,
+                                         DISTPP_FLOAT32, DISTPP_FLOAT32, /*draws_noise=*/0};
   CHECK_DISTPP(distpp_plain_update(&pp, stream));
 
   std::vector<float> out(N);

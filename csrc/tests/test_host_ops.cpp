@@ -134,8 +134,9 @@ void test_ops(int64_t B, int64_t per, int dt, bool with_z) {
   const std::string what = "B=" + std::to_string(B) + " per=" + std::to_string(per) + " dtype=" + std::to_string(dt);
 
   Buf xo = Buf::nan(N, DISTPP_FLOAT32), xin = Buf::nan(N, dt);
-  distpp_plain_update_params pp = {c.x.data(), ms.ptr(), with_z ? c.z.data() : nullptr, c.coef.data(),
-                                   xo.f.data(), xin.ptr(), B, (int64_t)N, c.steps, c.k, dt, dt};
+  distpp_plain_update_params pp = {DISTPP_PARAMS_HEADER(distpp_plain_update_params),
+                                   c.x.data(), ms.ptr(), with_z ? c.z.data() : nullptr, c.coef.data(),
+                                   xo.f.data(), xin.ptr(), B, (int64_t)N, c.steps, c.k, dt, dt, with_z};
   EXPECT(distpp_plain_update(&pp, nullptr) == DISTPP_SUCCESS, "%s", distpp_last_error_message());
   std::vector<double> o(N), oi(N), ri(N);
   for (size_t i = 0; i < N; ++i) { o[i] = xo.at(i); oi[i] = xin.at(i); ri[i] = R[7] * plain[i]; }
@@ -143,17 +144,19 @@ void test_ops(int64_t B, int64_t per, int dt, bool with_z) {
   EXPECT(rel_err(oi, ri) <= tol_of(dt), "plain xin_out %s: %g", what.c_str(), rel_err(oi, ri));
 
   Buf out = Buf::nan(2 * N, dt);
-  distpp_student_update_params sp = {c.x.data(), ms.ptr(), c.n.data(), c.coef.data(), c.gcoef.data(), out.ptr(),
-                                     B, (int64_t)N, c.steps, c.guided, c.k, dt, dt};
+  distpp_student_update_params sp = {DISTPP_PARAMS_HEADER(distpp_student_update_params),
+                                     c.x.data(), ms.ptr(), c.n.data(), c.coef.data(), c.gcoef.data(), out.ptr(),
+                                     B, (int64_t)N, c.steps, c.guided, c.k, 2 * B, dt, dt};
   EXPECT(distpp_student_update(&sp, nullptr) == DISTPP_SUCCESS, "%s", distpp_last_error_message());
   std::vector<double> so(2 * N);
   for (size_t i = 0; i < 2 * N; ++i) so[i] = out.at(i);
   EXPECT(rel_err(so, student) <= tol_of(dt), "student out %s: %g", what.c_str(), rel_err(so, student));
 
   Buf go = Buf::nan(N, DISTPP_FLOAT32), gin = Buf::nan(N, dt);
-  distpp_guided_update_params gp = {c.x.data(), ms.ptr(), c.n.data(), mt.ptr(), with_z ? c.z.data() : nullptr,
+  distpp_guided_update_params gp = {DISTPP_PARAMS_HEADER(distpp_guided_update_params),
+                                    c.x.data(), ms.ptr(), c.n.data(), mt.ptr(), with_z ? c.z.data() : nullptr,
                                     c.coef.data(), c.gcoef.data(), c.lam.data(), c.cfg.data(), go.f.data(),
-                                    gin.ptr(), B, (int64_t)N, c.steps, c.guided, c.k, dt, dt, dt};
+                                    gin.ptr(), B, (int64_t)N, c.steps, c.guided, c.k, 2 * B, dt, dt, dt, with_z};
   EXPECT(distpp_guided_update(&gp, nullptr) == DISTPP_SUCCESS, "%s", distpp_last_error_message());
   for (size_t i = 0; i < N; ++i) { o[i] = go.at(i); oi[i] = gin.at(i); ri[i] = R[7] * guided[i]; }
   EXPECT(rel_err(o, guided) <= 2e-6, "guided x_out %s: %g", what.c_str(), rel_err(o, guided));
@@ -171,8 +174,9 @@ void test_argument_checks() {
   Case c(2, 24, r);
   const int64_t N = 48;
   std::vector<float> xo(N), xin(N), out(2 * N);
-  const distpp_plain_update_params good = {c.x.data(), c.ms.data(), nullptr, c.coef.data(), xo.data(), xin.data(),
-                                           2, N, c.steps, c.k, DISTPP_FLOAT32, DISTPP_FLOAT32};
+  const distpp_plain_update_params good = {DISTPP_PARAMS_HEADER(distpp_plain_update_params),
+                                           c.x.data(), c.ms.data(), nullptr, c.coef.data(), xo.data(), xin.data(),
+                                           2, N, c.steps, c.k, DISTPP_FLOAT32, DISTPP_FLOAT32, 0};
   distpp_plain_update_params p = good;
   EXPECT(distpp_plain_update(&p, nullptr) == DISTPP_SUCCESS, "good params");
   EXPECT(strcmp(distpp_last_error_message(), "") == 0, "message cleared after success");
@@ -199,8 +203,10 @@ void test_argument_checks() {
   p = good; p.xin_out = reinterpret_cast<char*>(xin.data()) + 1; p.xin_dtype = DISTPP_FLOAT16;
   expect_status(distpp_plain_update(&p, nullptr), DISTPP_ERROR_MISALIGNED, "xin_out", "misaligned half");
 
-  const distpp_student_update_params sgood = {c.x.data(), c.ms.data(), c.n.data(), c.coef.data(), c.gcoef.data(),
-                                              out.data(), 2, N, c.steps, c.guided, c.k, DISTPP_FLOAT32, DISTPP_FLOAT32};
+  const distpp_student_update_params sgood = {DISTPP_PARAMS_HEADER(distpp_student_update_params),
+                                              c.x.data(), c.ms.data(), c.n.data(), c.coef.data(), c.gcoef.data(),
+                                              out.data(), 2, N, c.steps, c.guided, c.k, 4, DISTPP_FLOAT32,
+                                              DISTPP_FLOAT32};
   distpp_student_update_params s = sgood;
   EXPECT(distpp_student_update(&s, nullptr) == DISTPP_SUCCESS, "good student params");
   s.gcoef = nullptr;
@@ -210,9 +216,10 @@ void test_argument_checks() {
   s = sgood; s.out_dtype = -1;
   expect_status(distpp_student_update(&s, nullptr), DISTPP_ERROR_INVALID_DTYPE, "out has dtype -1", "bad out dtype");
 
-  const distpp_guided_update_params ggood = {c.x.data(), c.ms.data(), c.n.data(), c.mt.data(), nullptr, c.coef.data(),
+  const distpp_guided_update_params ggood = {DISTPP_PARAMS_HEADER(distpp_guided_update_params),
+                                             c.x.data(), c.ms.data(), c.n.data(), c.mt.data(), nullptr, c.coef.data(),
                                              c.gcoef.data(), c.lam.data(), c.cfg.data(), xo.data(), nullptr, 2, N,
-                                             c.steps, c.guided, c.k, DISTPP_FLOAT32, DISTPP_FLOAT32, 99};
+                                             c.steps, c.guided, c.k, 4, DISTPP_FLOAT32, DISTPP_FLOAT32, 99, 0};
   distpp_guided_update_params g = ggood;
   EXPECT(distpp_guided_update(&g, nullptr) == DISTPP_SUCCESS, "xin_dtype ignored when xin_out is NULL: %s",
          distpp_last_error_message());
@@ -222,11 +229,33 @@ void test_argument_checks() {
   expect_status(distpp_guided_update(&g, nullptr), DISTPP_ERROR_INVALID_DTYPE, "m_t has dtype 3", "bad m_t dtype");
   g = ggood; g.batch = 70000; g.numel = 70000;
   expect_status(distpp_guided_update(&g, nullptr), DISTPP_ERROR_INVALID_SIZE, "batch is 70000", "batch too large");
+  g = ggood; g.teacher_rows = 2;
+  expect_status(distpp_guided_update(&g, nullptr), DISTPP_ERROR_INVALID_SIZE, "teacher_rows is 2", "reserved rows");
+  g = ggood; g.draws_noise = 1;
+  expect_status(distpp_guided_update(&g, nullptr), DISTPP_ERROR_NULL_POINTER, "z is NULL but draws_noise is 1",
+                "noisy step without z");
+  g = ggood; g.struct_size -= 8;
+  expect_status(distpp_guided_update(&g, nullptr), DISTPP_ERROR_ABI_MISMATCH, "struct_size", "smaller struct");
+
+  p = good; p.draws_noise = 1;
+  expect_status(distpp_plain_update(&p, nullptr), DISTPP_ERROR_NULL_POINTER, "draws_noise is 1", "plain without z");
+  p = good; p.z = c.z.data();
+  expect_status(distpp_plain_update(&p, nullptr), DISTPP_ERROR_INVALID_ARGUMENT, "draws_noise is 0", "z ignored");
+  p = good; p.draws_noise = -1;
+  expect_status(distpp_plain_update(&p, nullptr), DISTPP_ERROR_INVALID_ARGUMENT, "draws_noise is -1", "bad flag");
+  p = good; p.abi_version = 1;
+  expect_status(distpp_plain_update(&p, nullptr), DISTPP_ERROR_ABI_MISMATCH, "abi_version is 1", "old version");
+  s = sgood; s.struct_size = 0;
+  expect_status(distpp_student_update(&s, nullptr), DISTPP_ERROR_ABI_MISMATCH, "struct_size is 0", "zeroed header");
+  s = sgood; s.teacher_rows = 2;
+  expect_status(distpp_student_update(&s, nullptr), DISTPP_ERROR_INVALID_SIZE, "teacher_rows is 2", "student rows");
 
   EXPECT(distpp_abi_version() == DISTPP_ABI_VERSION, "abi version");
   EXPECT(distpp_is_cuda() == 0, "host library");
   EXPECT(strncmp(distpp_error_string(DISTPP_ERROR_MISALIGNED), "DISTPP_ERROR_MISALIGNED", 23) == 0, "error string");
   EXPECT(strstr(distpp_error_string(12345), "UNKNOWN") != nullptr, "unknown status string");
+  EXPECT(strstr(distpp_error_string(DISTPP_ERROR_UNSUPPORTED), "reserved") != nullptr, "7 is reserved");
+  EXPECT(DISTPP_ABI_VERSION == 2, "one bump for the hardening and flow-matching changes");
 }
 
 }  // namespace

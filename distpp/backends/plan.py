@@ -331,13 +331,16 @@ def onnx_key(*, model_config: Mapping[str, Any], weights: str, opset: int, dtype
                      exporter=exporter, torch=torch_version, onnx=onnx_version, external_data=bool(external_data))
 
 
-def engine_key(*, onnx_sha256: str, profile: Profile, precision: Sequence[str], trt_version: str,
-               gpu_name: str, compute_capability: tuple[int, int]) -> str:
-    """Cache key of a TensorRT engine: the ONNX bytes' sha256, the profile, precision flags, the
+def engine_key(*, onnx_sha256: str, profile: Profile, precision: Sequence[str], opt_level: int,
+               workspace_bytes: int | None, trt_version: str, gpu_name: str,
+               compute_capability: tuple[int, int]) -> str:
+    """Cache key of a TensorRT engine: the ONNX bytes' sha256, the profile, precision flags, the other
+    builder settings (optimization level, workspace limit: both change the tactics chosen), the
     TensorRT version and the GPU (name and compute capability)."""
     return cache_key(artifact="trt_engine", onnx=onnx_sha256, profile=profile.shapes,
-                     precision=sorted(precision), tensorrt=trt_version, gpu=gpu_name,
-                     cc=list(compute_capability))
+                     precision=sorted(precision), opt_level=int(opt_level),
+                     workspace_bytes=None if workspace_bytes is None else int(workspace_bytes),
+                     tensorrt=trt_version, gpu=gpu_name, cc=list(compute_capability))
 
 
 def onnx_sha256(path: str | os.PathLike) -> str:

@@ -7,8 +7,9 @@ shape/dtype checks, buffer plans and cache keys live in distpp.backends.plan (Te
 on CPU). NOT YET RUN: no machine distpp has been developed on could install TensorRT.
 
 Engines are stored through distpp's ArtifactCache (kind ``trt_engine``), keyed by the ONNX bytes'
-sha256, the profile, precision flags, TensorRT version and GPU name + compute capability; the timing
-cache (kind ``trt_timing``) by TensorRT version and GPU.
+sha256, the profile, the builder settings (precision flags, optimization level, workspace limit),
+TensorRT version and GPU name + compute capability; the timing cache (kind ``trt_timing``) by TensorRT
+version and GPU.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import torch
 
 from ..cache import ArtifactCache, cache_key
 from ..denoiser import Cond, DenoiserBase, ModelSpec, UNetDenoiser
-from ..errors import BackendUnavailableError, CacheError, ConfigError
+from ..errors import BackendUnavailableError, CacheError, ConfigError, DistppError
 from .plan import (OUTPUT, SAMPLE, IOSpec, Profile, ShapeRange, check_feeds, compute_profile, cond_feeds,
                    engine_key, onnx_sha256, plan_buffers, read_io_spec, view)
 
@@ -32,6 +33,10 @@ EXTRA = "tensorrt"
 ENGINE_FILE = "engine.plan"
 TIMING_FILE = "timing.cache"
 PRECISIONS = ("fp32", "fp16", "bf16")
+
+
+class TrtExecutionError(DistppError, RuntimeError):
+    """TensorRT refused to run a built engine (``execute_async_v3`` returned False; see its log)."""
 
 
 def is_available() -> bool:
@@ -128,7 +133,8 @@ def cached_engine(onnx_path: str | os.PathLike, shapes: ShapeRange, rows_per_sam
     profile = compute_profile(io, shapes, rows_per_sample)
     trt_version, gpu, cc = identity if identity is not None else (_trt_version(), *gpu_identity(device))
     key = engine_key(onnx_sha256=onnx_sha256(onnx_path), profile=profile, precision=cfg.flags,
-                     trt_version=trt_version, gpu_name=gpu, compute_capability=cc)
+                     opt_level=cfg.opt_level, workspace_bytes=cfg.workspace_bytes, trt_version=trt_version,
+                     gpu_name=gpu, compute_capability=cc)
     cache = cache or ArtifactCache()
     tkey = cache_key(artifact="trt_timing", tensorrt=trt_version, gpu=gpu, cc=list(cc))
     tfolder = cache.load("trt_timing", tkey)
@@ -138,8 +144,8 @@ def cached_engine(onnx_path: str | os.PathLike, shapes: ShapeRange, rows_per_sam
     def _build(tmp: Path) -> None:
         produced["timing"] = build(onnx_path, profile, cfg, tmp, timing)
 
-    meta = {"onnx": str(onnx_path), "profile": profile.shapes, "precision": cfg.flags, "tensorrt": trt_version,
-            "gpu": gpu, "cc": list(cc)}
+    meta = {"onnx": str(onnx_path), "profile": profile.shapes, "precision": cfg.flags, "opt_level": cfg.opt_level,
+            "workspace_bytes": cfg.workspace_bytes, "tensorrt": trt_version, "gpu": gpu, "cc": list(cc)}
     folder = cache.get_or_build("trt_engine", key, _build, meta=meta)
     if produced.get("timing") and tfolder is None:
         cache.get_or_build("trt_timing", tkey, lambda tmp: (tmp / TIMING_FILE).write_bytes(produced["timing"]),
@@ -201,7 +207,8 @@ class TrtDenoiser(DenoiserBase):
                 self._shapes[name] = shape
         stream = torch.cuda.current_stream(self.device).cuda_stream
         if not self.context.execute_async_v3(stream):
-            raise CacheError("TensorRT execute_async_v3 failed (see the TensorRT log above)")
+            raise TrtExecutionError(f"TensorRT execute_async_v3 failed for inputs {self._shapes} (see the TensorRT "
+                                    "log above)")
         return view(self.buffers[OUTPUT], tuple(feeds[SAMPLE].shape))
 
 
@@ -218,6 +225,7 @@ def make_denoiser(base: UNetDenoiser, *, role: str = "student", shapes: ShapeRan
     if role not in ("student", "teacher"):
         raise ConfigError(f"role must be 'student' or 'teacher', got {role!r}")
     shapes = shapes or ShapeRange()
+    cache = cache or ArtifactCache()
     t0 = time.perf_counter()
     if onnx_path is None:
         from ..export import ExportConfig, cached_export
@@ -225,17 +233,14 @@ def make_denoiser(base: UNetDenoiser, *, role: str = "student", shapes: ShapeRan
         onnx_path = cached_export(base, export or ExportConfig(), latent_hw=shapes.resolutions[0], tokens=tokens,
                                   cache=cache)
     t1 = time.perf_counter()
-    folder, io, profile = cached_engine(onnx_path, shapes, 2 if role == "teacher" else 1, engine or EngineConfig(),
-                                        cache=cache, device=device)
+    rows, cfg = 2 if role == "teacher" else 1, engine or EngineConfig()
+    folder, io, profile = cached_engine(onnx_path, shapes, rows, cfg, cache=cache, device=device)
     try:
         den = TrtDenoiser(folder, io, profile, base, device=device)
-    except CacheError as e:
+    except CacheError as e:  # an engine this TensorRT/GPU cannot load: remove it under the cache's lock
         warnings.warn(f"distpp: {e}; rebuilding the engine", stacklevel=2)
-        import shutil
-
-        shutil.rmtree(folder, ignore_errors=True)
-        folder, io, profile = cached_engine(onnx_path, shapes, 2 if role == "teacher" else 1,
-                                            engine or EngineConfig(), cache=cache, device=device)
+        cache.discard(folder.parent.name, folder.name)
+        folder, io, profile = cached_engine(onnx_path, shapes, rows, cfg, cache=cache, device=device)
         den = TrtDenoiser(folder, io, profile, base, device=device)
     if timings is not None:
         timings["export_s"] = timings.get("export_s", 0.0) + (t1 - t0)

@@ -98,12 +98,12 @@ def _profile(b=2):
 
 
 def test_engine_key_changes_with_every_input():
-    base = dict(onnx_sha256="ab" * 32, profile=_profile(), precision=("FP16",), trt_version="10.3.0",
-                gpu_name="NVIDIA H100", compute_capability=(9, 0))
+    base = dict(onnx_sha256="ab" * 32, profile=_profile(), precision=("FP16",), opt_level=3, workspace_bytes=None,
+                trt_version="10.3.0", gpu_name="NVIDIA H100", compute_capability=(9, 0))
     key = engine_key(**base)
     assert engine_key(**dict(base, profile=_profile())) == key  # equal inputs, fresh objects
-    changes = dict(onnx_sha256="cd" * 32, profile=_profile(4), precision=("BF16",), trt_version="10.4.0",
-                   gpu_name="NVIDIA A100", compute_capability=(8, 0))
+    changes = dict(onnx_sha256="cd" * 32, profile=_profile(4), precision=("BF16",), opt_level=5,
+                   workspace_bytes=1 << 30, trt_version="10.4.0", gpu_name="NVIDIA A100", compute_capability=(8, 0))
     keys = {engine_key(**dict(base, **{k: v})) for k, v in changes.items()}
     assert len(keys) == len(changes) and key not in keys
 

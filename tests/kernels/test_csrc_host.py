@@ -137,4 +137,132 @@ def test_params_structs_match_the_header():
         names = [line.split(";")[0].split()[-1].lstrip("*") for line in body.splitlines() if ";" in line]
         assert names == [f[0] for f in params._fields_], op
     assert f"#define DISTPP_ABI_VERSION {csrc_ops.ABI_VERSION}" in header
-    assert ctypes.sizeof(csrc_ops.GuidedUpdateParams) == 11 * 8 + 5 * 8 + 3 * 4 + 4  # padded to 8
+    # header, pointers, int64 sizes, int32 dtypes/flags (plain: 3, padded to 8)
+    assert ctypes.sizeof(csrc_ops.StudentUpdateParams) == 8 + 6 * 8 + 6 * 8 + 2 * 4
+    assert ctypes.sizeof(csrc_ops.GuidedUpdateParams) == 8 + 11 * 8 + 6 * 8 + 4 * 4
+    assert ctypes.sizeof(csrc_ops.PlainUpdateParams) == 8 + 6 * 8 + 4 * 8 + 3 * 4 + 4
+
+
+# ---- issue 13, item 12: sizes, missing noise, struct versions, the sanitizer build ------------------
+INT64_MAX = 2**63 - 1
+
+
+def _student_params(c, out, **over):
+    x = c["x"]
+    fields = dict(x=x.data_ptr(), m_s=c["m_s"].data_ptr(), n=c["n"].data_ptr(), coef=c["coef"].data_ptr(),
+                  gcoef=c["gcoef"].data_ptr(), out=out.data_ptr(), batch=x.shape[0], numel=x.numel(),
+                  num_steps=c["coef"].shape[0], num_guided=c["gcoef"].shape[0], step=c["k"], m_s_dtype=0,
+                  out_dtype=0)
+    fields.update(over)
+    return csrc_ops.StudentUpdateParams(**fields)
+
+
+def _guided_params(c, x_out, **over):
+    x = c["x"]
+    fields = dict(x=x.data_ptr(), m_s=c["m_s"].data_ptr(), n=c["n"].data_ptr(), m_t=c["m_t"].data_ptr(), z=None,
+                  coef=c["coef"].data_ptr(), gcoef=c["gcoef"].data_ptr(), lam=c["lam"].data_ptr(),
+                  cfg=c["cfg"].data_ptr(), x_out=x_out.data_ptr(), xin_out=None, batch=x.shape[0],
+                  numel=x.numel(), num_steps=c["coef"].shape[0], num_guided=c["gcoef"].shape[0], step=c["k"],
+                  m_s_dtype=0, m_t_dtype=0, xin_dtype=0)
+    fields.update(over)
+    return csrc_ops.GuidedUpdateParams(**fields)
+
+
+_MAKERS = {"plain_update": _plain_params, "student_update": _student_params, "guided_update": _guided_params}
+
+
+def _refused_in_a_child(lib, op, params, exc, match) -> int:
+    """Call ``op`` in a forked child (an unchecked size crashes it); 0 when it raised ``exc`` matching."""
+    import os
+    import re
+    import traceback
+
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            lib.call(op, params)
+            print(f"{op} returned success", flush=True)
+        except exc as e:
+            code = 0 if re.search(match, str(e)) else 1
+            if code:
+                print(f"{op}: {e!r} does not match {match!r}", flush=True)
+        except BaseException:
+            traceback.print_exc()
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    return os.waitstatus_to_exitcode(status)
+
+
+@pytest.mark.parametrize("op,over", [
+    ("plain_update", dict(numel=INT64_MAX - 1)),
+    ("student_update", dict(batch=1, numel=INT64_MAX)),
+    ("guided_update", dict(batch=1, numel=2**61)),
+    ("plain_update", dict(num_steps=INT64_MAX, step=INT64_MAX // 4)),
+], ids=["plain-numel", "student-numel", "guided-2numel-bytes", "plain-coef-rows"])
+def test_overflowing_sizes_are_refused_not_crashed(host_lib, op, over):
+    c = make_case((2, 4, 8, 8), torch.float32, "cpu")
+    out = torch.empty((2 * c["x"].shape[0],) + tuple(c["x"].shape[1:]))
+    code = _refused_in_a_child(host_lib, op, _MAKERS[op](c, out, **over), InputError, "INVALID_SIZE")
+    assert code == 0, f"the child exited with {code} (negative: killed by that signal)"
+
+
+@pytest.mark.parametrize("op", ["plain_update", "guided_update"])
+def test_missing_noise_on_a_noisy_step_is_refused(host_lib, op):
+    c = make_case((2, 4, 8, 8), torch.float32, "cpu", with_z=True)
+    x_out = torch.empty_like(c["x"])
+    with pytest.raises(InputError, match="NULL_POINTER.*z is NULL.*draws_noise"):
+        host_lib.call(op, _MAKERS[op](c, x_out, z=None, draws_noise=1))
+    with pytest.raises(InputError, match="z is set.*draws_noise is 0"):
+        host_lib.call(op, _MAKERS[op](c, x_out, z=c["z"].data_ptr(), draws_noise=0))
+    with pytest.raises(InputError, match="draws_noise is 2"):
+        host_lib.call(op, _MAKERS[op](c, x_out, z=c["z"].data_ptr(), draws_noise=2))
+    host_lib.call(op, _MAKERS[op](c, x_out, z=c["z"].data_ptr(), draws_noise=1))
+
+
+@pytest.mark.parametrize("op", list(_MAKERS))
+def test_params_struct_of_another_abi_is_refused(host_lib, op):
+    c = make_case((2, 4, 8, 8), torch.float32, "cpu")
+    out = torch.empty((4, 4, 8, 8))
+    p = _MAKERS[op](c, out)
+    assert p.struct_size == ctypes.sizeof(p) and p.abi_version == csrc_ops.ABI_VERSION  # filled by the binding
+    host_lib.call(op, p)
+    for field, value in (("struct_size", ctypes.sizeof(p) - 8), ("abi_version", 1)):
+        bad = _MAKERS[op](c, out, **{field: value})
+        with pytest.raises(BackendUnavailableError, match=f"ABI_MISMATCH.*{field}"):
+            host_lib.call(op, bad)
+
+
+@pytest.mark.parametrize("op", ["student_update", "guided_update"])
+def test_teacher_rows_other_than_the_cfg_pair_are_refused(host_lib, op):
+    c = make_case((2, 4, 8, 8), torch.float32, "cpu")
+    out = torch.empty((4, 4, 8, 8))
+    assert _MAKERS[op](c, out).teacher_rows == 4
+    with pytest.raises(InputError, match="INVALID_SIZE.*teacher_rows is 2"):
+        host_lib.call(op, _MAKERS[op](c, out, teacher_rows=2))
+
+
+def test_ci_runs_the_sanitized_host_tests():
+    """CI builds the host library and its ctest suite with ASan + UBSan (DISTPP_SANITIZE) and runs it."""
+    root = CSRC.parent
+    ci = (root / ".ci" / "run").read_text()
+    assert "-DDISTPP_SANITIZE=ON" in ci and "ctest --test-dir build/sanitize" in ci
+    cmake = (root / "CMakeLists.txt").read_text()
+    assert 'option(DISTPP_SANITIZE' in cmake and "-fsanitize=address,undefined" in cmake
+
+
+def test_host_ops_take_channels_last_unet_predictions(host_lib, tiny_pair):
+    """A sampler over channels_last tiny UNets (non-contiguous predictions) with the C library's ops gives
+    the contiguous-model result (issue 13 item 8; the Triton and torch twins are in test_channels_last.py)."""
+    from distpp import Sampler, SamplerConfig
+    from distpp.ops import FusedOps
+    from helpers import channels_last_pair, rel_err
+
+    cond, uncond = tiny_pair.random_cond(2, seed=11)
+    cfg = SamplerConfig(family="euler_a", steps=3, guided_steps=1, lam=0.3, cfg=5.0, kernel_impl="torch")
+    kw = dict(uncond=uncond, latent_shape=(4, 8, 8), seeds=[7, 8])
+    ref = Sampler(tiny_pair.student, tiny_pair.teacher, cfg).sample(cond, **kw)
+    s = Sampler(*channels_last_pair(tiny_pair), cfg)
+    s.ops = FusedOps("cuda-host", host_lib.student_update, host_lib.guided_update, host_lib.plain_update)
+    assert rel_err(s.sample(cond, **kw), ref) <= 1e-5

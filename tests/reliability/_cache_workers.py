@@ -37,3 +37,23 @@ def crash_mid_build(root: str, key: str, started) -> None:
         time.sleep(600)
 
     ArtifactCache(root).get_or_build("blob", key, build)
+
+
+def lock_stress(root: str, key: str, rounds: int) -> None:
+    """Forked racer: build the key (failing if another builder is inside the build), discard it, repeat."""
+    from distpp.cache import ArtifactCache
+
+    cache, marker = ArtifactCache(root), Path(root) / "inside"
+
+    def build(folder: Path) -> None:
+        fd = os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY)  # FileExistsError: two builders at once
+        try:
+            time.sleep(0.002)
+            (folder / "blob.bin").write_bytes(PAYLOAD)
+        finally:
+            os.close(fd)
+            os.unlink(marker)
+
+    for _ in range(rounds):
+        cache.get_or_build("blob", key, build)
+        cache.discard("blob", key)

@@ -48,14 +48,18 @@ def assert_latents(out, shape):
 
 
 # --- SamplerConfig and Sampler construction ---------------------------------------------------------
+F32_MAX = float(torch.finfo(torch.float32).max)
+past_float32 = st.one_of(st.integers(2**1000, 2**1400), st.integers(-2**1400, -2**1000),  # past float64 too
+                         st.floats(F32_MAX * (1 + 1e-7), 1.7e308), st.floats(-1.7e308, -F32_MAX * (1 + 1e-7)),
+                         st.just(math.inf))
 junk = st.one_of(st.none(), st.text(max_size=4), st.floats(allow_nan=True), st.booleans(), st.lists(st.integers()))
 config_kwargs = st.fixed_dictionaries({}, optional={
     "family": st.one_of(st.sampled_from(FAMILIES), junk),
     "steps": st.one_of(st.integers(-3, 1200), st.floats(-2, 70), junk),
     "timesteps": st.one_of(st.lists(st.integers(-50, 1100), max_size=6), junk, st.integers()),
     "guided_steps": st.one_of(st.integers(-2, 6), junk),
-    "lam": st.one_of(st.floats(-1, 2), st.floats(allow_nan=True, allow_infinity=True), junk),
-    "cfg": st.one_of(st.floats(-5, 1000), st.floats(allow_nan=True, allow_infinity=True), junk),
+    "lam": st.one_of(st.floats(-1, 2), st.floats(allow_nan=True, allow_infinity=True), past_float32, junk),
+    "cfg": st.one_of(st.floats(-5, 1000), st.floats(allow_nan=True, allow_infinity=True), past_float32, junk),
     "teacher_rule": st.one_of(st.sampled_from(["next", "same", "random"]), junk),
     "prediction_type": st.sampled_from(PREDICTION_TYPES + ("eps",)),
     "kernel_impl": st.sampled_from(["torch", "auto", "cuda", "triton", "cutlass"]),
@@ -68,7 +72,7 @@ def test_config_and_sampler_construction(kw):
     cfg = expect(lambda: SamplerConfig(check_finite=True, **kw))
     if cfg is None:
         return
-    assert 0 <= cfg.guided_steps <= cfg.num_steps and 0 <= cfg.resolved_lam <= 1 and math.isfinite(cfg.cfg)
+    assert 0 <= cfg.guided_steps <= cfg.num_steps and 0 <= cfg.resolved_lam <= 1 and 0 <= cfg.cfg <= F32_MAX
     pt = cfg.prediction_type
     sampler = expect(lambda: Sampler(GaussianDenoiser(ACP, prediction_type=pt),
                                      GaussianDenoiser(ACP, prediction_type=cfg.teacher_prediction_type), cfg))
@@ -118,7 +122,8 @@ FAULTS = ("cond_dtype", "cond_device", "cond_rank", "cond_width", "cond_empty", 
           "uncond_rows", "uncond_tokens", "uncond_missing", "uncond_tensor", "latent_channels", "latent_size",
           "latent_float", "latent_len", "latent_str", "latent_vs_noise", "noise_batch", "noise_rank", "noise_dtype", "noise_meta",
           "nan_noise", "seeds_huge", "seeds_neg", "seeds_short", "seeds_scalar", "gens_ints", "lam_range",
-          "lam_nan", "lam_len", "lam_str", "cfg_neg", "cfg_inf", "cfg_len")
+          "lam_nan", "lam_len", "lam_str", "lam_huge", "cfg_neg", "cfg_inf", "cfg_len", "cfg_huge", "latent_huge",
+          "latent_int_vs_noise")
 
 
 @st.composite
@@ -165,6 +170,7 @@ def sample_calls(draw):
         "latent_len": lambda: dict(latent_shape=(CH, h)),
         "latent_str": lambda: dict(latent_shape="4x8x8"),
         "latent_vs_noise": lambda: dict(noise=torch.randn(B, CH, h, w), latent_shape=(CH, h + 1, w)),
+        "latent_int_vs_noise": lambda: dict(noise=torch.randn(B, CH, h, w), latent_shape=CH),
         "noise_batch": lambda: dict(noise=torch.randn(B + 1, CH, h, w)),
         "noise_rank": lambda: dict(noise=torch.randn(B, CH, h)),
         "noise_dtype": lambda: dict(noise=torch.ones(B, CH, h, w, dtype=torch.int32)),
@@ -182,6 +188,9 @@ def sample_calls(draw):
         "cfg_neg": lambda: dict(cfg=-1.0),
         "cfg_inf": lambda: dict(cfg=[nan] * B),
         "cfg_len": lambda: dict(cfg=[1.0] * (B + 1)),
+        "lam_huge": lambda: dict(lam=draw(past_float32)),
+        "cfg_huge": lambda: dict(cfg=[1.0] * (B - 1) + [draw(past_float32)]),
+        "latent_huge": lambda: dict(latent_shape=(CH, draw(st.integers(2**40, 2**80)), w)),
     }
     if fault is not None:
         kw.update(change[fault]())
@@ -234,10 +243,11 @@ def test_extreme_settings_stay_finite(family, steps, g, lam, cfg, rule, pt, B):
 
 
 # --- models that break the Denoiser contract --------------------------------------------------------
-@pytest.mark.parametrize("bad", ["one_row", "one_channel", "int", "not_tensor", "teacher_half"])
+@pytest.mark.parametrize("bad", ["one_row", "one_channel", "int", "not_tensor", "teacher_half", "meta"])
 def test_model_returning_wrong_output_is_an_input_error(bad):
     good = GaussianDenoiser(ACP)
-    broken = {"one_row": lambda x, t, c: good(x, t, c)[:1],
+    broken = {"meta": lambda x, t, c: torch.empty_like(good(x, t, c), device="meta"),
+              "one_row": lambda x, t, c: good(x, t, c)[:1],
               "one_channel": lambda x, t, c: good(x, t, c)[:, :1],
               "int": lambda x, t, c: good(x, t, c).long(),
               "not_tensor": lambda x, t, c: good(x, t, c).tolist(),
@@ -322,3 +332,65 @@ def test_op_checks_refuse_none_tables():
     x = torch.randn(2, 3)
     with pytest.raises(InputError, match="coef must be a float32 torch.Tensor"):
         check_plain_update(x, x.clone(), None, None, 0, x.clone(), None)
+
+
+# --- numbers and sizes past float32, the fused ops or memory (issue 13 items 4 and 7) ----------------
+
+
+def as_form(v, form):
+    """``v`` as a Python number, numpy float64, 0-d float64 tensor or a per-sample list of two."""
+    import numpy as np
+
+    fits = isinstance(v, float) or abs(v) < 1e308
+    if form == "numpy" and fits:
+        return np.float64(v)
+    if form == "tensor" and fits:
+        return torch.tensor(float(v), dtype=torch.float64)
+    return [0.5, v] if form == "list" else v
+
+
+def expect_config_or_input_error(fn):
+    """fn's result, or None if it raised ConfigError / InputError (the contract here; nothing else)."""
+    try:
+        return fn()
+    except (ConfigError, InputError) as e:
+        assert str(e).strip() and len(str(e)) < 400, f"{type(e).__name__}: {str(e)[:100]}..."
+        event(type(e).__name__)
+        return None
+
+
+@settings(FUZZ, max_examples=60)
+@given(name=st.sampled_from(["lam", "cfg"]), v=st.one_of(past_float32, st.floats(0, F32_MAX), st.floats(0, 1)),
+       form=st.sampled_from(["python", "numpy", "tensor", "list"]), where=st.sampled_from(["config", "call"]))
+def test_lam_cfg_past_float32_are_errors_or_finite(gaussian_samplers, name, v, form, where):
+    """ConfigError/InputError or a finite result for any lam/cfg; an error for any value float32 cannot hold."""
+    value = as_form(v, form)
+    cond, uncond = Cond(torch.randn(2, 3, WIDTH)), Cond(torch.zeros(1, 3, WIDTH))
+    if where == "config" and form != "list":
+        out = expect_config_or_input_error(lambda: Sampler(
+            GaussianDenoiser(ACP), GaussianDenoiser(ACP), SamplerConfig(steps=2, kernel_impl="torch",
+                                                                        check_finite=True, **{name: value})
+        ).sample(cond, uncond=uncond, latent_shape=(CH, 3, 3)))
+    else:
+        out = expect_config_or_input_error(lambda: gaussian_samplers["lcm", "next"].sample(
+            cond, uncond=uncond, latent_shape=(CH, 3, 3), **{name: value}))
+    if out is None:
+        return
+    assert_latents(out, (2, CH, 3, 3))
+    assert 0 <= v <= (1 if name == "lam" else F32_MAX), f"{name}={v!r} was accepted"
+
+
+@settings(FUZZ, max_examples=40)
+@given(dims=st.lists(st.one_of(st.integers(1, 6), st.integers(2**40, 2**80)), min_size=3, max_size=3),
+       B=st.integers(1, 3))
+def test_huge_latent_shapes_are_input_errors(gaussian_samplers, dims, B):
+    """A latent dimension of 2**40 or more is refused with InputError before anything is allocated (the
+    other dimensions are small, so a shape that is accepted is cheap). The bounds themselves are tested in
+    tests/test_validation.py."""
+    shape = (CH,) + tuple(dims[1:]) if dims[0] <= 6 else tuple(dims)
+    out = expect_config_or_input_error(lambda: gaussian_samplers["euler_a", "random"].sample(
+        Cond(torch.randn(B, 2, WIDTH)), uncond=Cond(torch.zeros(1, 2, WIDTH)), latent_shape=shape))
+    huge = max(shape) >= 2**40
+    assert (out is None) == huge, f"latent_shape {shape} {'accepted' if huge else 'refused'}"
+    if out is not None:
+        assert_latents(out, (B,) + shape)
