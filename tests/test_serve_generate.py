@@ -93,7 +93,7 @@ def test_generate_request_validation(gen_worker):
         ({"prompt": "x", "family": "lcm"}, InputError, "unknown request field(s) ['family']"),
         ({"prompt": "x", "output": "latent"}, InputError, "output must be one of png, image_b64"),
         ({"prompt": "\udc80"}, InputError, "lone surrogate"),
-        ({"prompt": "x", "cfg": 1e39}, ConfigError, "overflows float32"),
+        ({"prompt": "x", "cfg": 1e39}, ConfigError, "float32's largest"),
     ]:
         with pytest.raises(err) as e:
             parse_generate(body, gen_worker.settings, gen_worker.sizes)
@@ -139,3 +139,18 @@ def test_warm_prepares_every_bucket_and_size(gen_worker):
         [(b, (4, 16, h)) for b in (1, 2, 4) for h in (16, 24)]
     assert {r.config.guided_steps for r in records} == {GUIDED}
     assert gen_worker.cost(gen_worker.parse({"prompt": "x"})) == (STEPS + 2 * GUIDED) * 16 * 16
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["--student", "/models/s"], "needs both student= and teacher="),
+    (["--student", "/s", "--teacher", "/t", "--sizes", "512"], "pass HEIGHTxWIDTH pixel sizes"),
+    (["--max-batch-size", "4", "--batch-buckets", "1,2"], "including max_batch_size"),
+])
+def test_cli_errors_are_one_line(argv, words, capsys):
+    from distpp.serve.__main__ import main
+
+    with pytest.raises(SystemExit) as e:
+        main(argv)  # refused before any Ray starts
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("python -m distpp.serve: error:") and words in err[0], err

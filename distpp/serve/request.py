@@ -12,8 +12,6 @@ import math
 from dataclasses import dataclass, fields
 from typing import Any, Callable, Mapping, Sequence
 
-import numpy as np
-
 from ..config import DEFAULT_LAM, SamplerConfig, check_cfg, check_lam
 from ..errors import ConfigError, InputError
 from ..schedules import check_family
@@ -305,8 +303,9 @@ def _common(body: Mapping, settings: ServeSettings, family: str, steps: int) -> 
         raise ConfigError(f"guided_steps must be an integer in [0, steps={steps}], got {_show(guided)}")
     return {"prompt": _string(body, "prompt", None), "negative_prompt": _string(body, "negative_prompt", ""),
             "seed": int(seed), "guided_steps": int(guided),
-            "lam": float32_setting("lam", body.get("lam", DEFAULT_LAM[family]), check_lam),
-            "cfg": float32_setting("cfg", body.get("cfg", 7.5), check_cfg)}
+            # distpp.config's checks: real numbers only, lam in [0, 1], cfg in [0, float32 max] (the
+            # sampler's precision: 1e39 is finite as a double and inf there).
+            "lam": check_lam(body.get("lam", DEFAULT_LAM[family])), "cfg": check_cfg(body.get("cfg", 7.5))}
 
 
 def _choice(body: Mapping, name: str, options: Sequence[str]) -> str:
@@ -334,26 +333,6 @@ def _string(body: Mapping, name: str, default: str | None) -> str:
     return v
 
 
-def float32_setting(name: str, v: Any, check: Callable[[float], float]) -> float:
-    """A per-sample scale (lam, cfg) as the sampler holds it: a float32 number that ``check``
-    (distpp.config's check_lam / check_cfg) accepts after the cast. 1e39 is finite as a double and inf
-    as a float32, and 10**400 does not convert at all: both are refused here, by name."""
-    if not _is_real(v):
-        check(v)  # junk (a string, None, a list): the config's own message
-        raise ConfigError(f"{name} must be a number, got {type(v).__name__} {_show(v)}")
-    try:
-        f = float(v)
-        with np.errstate(over="ignore"):
-            f32 = float(np.float32(f))
-    except OverflowError:
-        f = f32 = math.inf
-    if not math.isfinite(f32) and not (isinstance(v, float) and not math.isfinite(v)):
-        raise ConfigError(f"{name}={_show(v)} overflows float32 (largest {float(np.finfo(np.float32).max):.6g}), "
-                          "the sampler's precision; pass a number in its range")
-    check(f32)  # the value the sampler will hold (inf / nan get the config's own message)
-    return check(f)
-
-
 def _show(v: Any, n: int = 40) -> str:
     """repr of a value, cut to ``n`` characters (a 5000-digit number is not echoed whole)."""
     r = repr(v) if not (isinstance(v, int) and abs(v) > 10**30) else f"an integer of {len(str(abs(v)))} digits"
@@ -365,12 +344,8 @@ def _is_int(v: Any) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
 
-def _is_real(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool)
-
-
 def _is_number(v: Any) -> bool:
-    return _is_real(v) and math.isfinite(v)
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
 # Non-string ServeSettings fields, for settings given as strings (CLI flags, ``serve run`` key=value args).
@@ -401,7 +376,10 @@ def _convert(name: str, value: Any) -> Any:
         if v == "none":
             return None
         try:
-            return tuple(tuple(int(p) for p in hw.split("x")) for hw in v.split(","))
+            sizes = tuple(tuple(int(p) for p in hw.split("x")) for hw in v.split(","))
+            if any(len(hw) != 2 for hw in sizes):
+                raise ValueError(v)
+            return sizes
         except ValueError:
             raise ConfigError(f"serve setting sizes={value!r}: pass HEIGHTxWIDTH pixel sizes, e.g. 512x512,768x512") \
                 from None
