@@ -239,6 +239,79 @@ def _run(calls, steps, latent_shapes, max_batch, seed, warmup, recheck, device, 
     return report
 
 
+def run_service_soak(batches: int = 300, *, max_batch: int = 4, seed: int = 0, warmup: int = 20, recheck: int = 5,
+                     fail_rate: float = 0.05, bad_rate: float = 0.1, torch_threads: int | None = None,
+                     pair=None) -> dict:
+    """The service's path under soak: batches of request bodies through a serve PresetWorker (tiny preset,
+    2 steps; parse -> run_batch, as a replica runs them), with bad bodies among them (each must be refused
+    at parse time, never reaching a batch) and injected model failures (the student raises once inside a
+    batched call; the worker's per-request retry absorbs it when the call held several requests, else
+    it is that one request's error, never another's).
+    Reports RSS after warm-up and at the end, and reruns the first results alone (batched vs single agree
+    within fp32 tolerance)."""
+    from dataclasses import replace
+
+    import numpy as np
+
+    from distpp.serve import PresetWorker, ServeSettings
+    from distpp.serve.http import parse_json
+
+    threads_before = torch.get_num_threads()
+    if torch_threads is not None:
+        torch.set_num_threads(torch_threads)
+    try:
+        pair = pair or build_preset("tiny")
+        student = Flaky(pair.student)
+        settings = ServeSettings(device="cpu", steps=2, max_steps=4, max_batch_size=max_batch, warm=False)
+        worker = PresetWorker(settings, pair=replace(pair, student=student))
+        rng = random.Random(seed)
+        counts = {"requests": 0, "bad_requests": 0, "bad_refused": 0, "failures_injected": 0, "errors": 0}
+        rss, first, t0 = [], [], time.perf_counter()
+        for i in range(batches):
+            reqs = []
+            for _ in range(rng.randint(1, max_batch)):
+                if rng.random() < bad_rate:
+                    counts["bad_requests"] += 1
+                    try:
+                        worker.parse(parse_json(rng.choice(BAD_BODIES)))
+                    except DistppError:
+                        counts["bad_refused"] += 1
+                    continue
+                family = rng.choice(FAMILIES)
+                reqs.append(worker.parse({"prompt": f"soak {rng.randrange(50)}", "seed": rng.randrange(2**32),
+                                          "family": family, "steps": rng.randint(1, 2),
+                                          "guided_steps": rng.randint(0, 1), "lam": round(rng.uniform(0, 0.3), 3),
+                                          "cfg": round(rng.uniform(1, 9), 2)}))
+            if not reqs:
+                continue
+            if rng.random() < fail_rate:
+                counts["failures_injected"] += 1
+                student.arm()
+            out = worker.run_batch(reqs)
+            student.armed = False
+            counts["requests"] += len(reqs)
+            counts["errors"] += sum(isinstance(x, Exception) for x in out)
+            if len(first) < recheck and len(reqs) > 1 and not isinstance(out[0], Exception):
+                first.append((reqs[0], out[0]))
+            rss.append(rss_bytes())
+        wall = time.perf_counter() - t0
+        rel = [float(np.linalg.norm(worker.run_batch([r])[0] - x) / np.linalg.norm(x)) for r, x in first]
+        w = min(warmup, len(rss)) - 1
+        # An injected failure either hits a call of several requests (retried one by one: absorbed) or a
+        # call of one (that request's error, a 500): never more than one error per injection.
+        counts["failures_absorbed"] = counts["failures_injected"] - counts["errors"]
+        return {**counts, "batches": batches, "wall_s": round(wall, 2), "requests_per_s": round(counts["requests"] / wall, 2),
+                "rss_after_warmup_mib": round(rss[w] / MIB, 1), "rss_end_mib": round(rss[-1] / MIB, 1),
+                "rss_peak_mib": round(max(rss) / MIB, 1),
+                "rss_growth_after_warmup_mib": round((rss[-1] - rss[w]) / MIB, 2),
+                "rss_slope_mib_per_1000_batches": round(slope_per_1000([r / MIB for r in rss[w:]]), 3),
+                "batched_vs_single_max_rel": max(rel) if rel else None, "samplers": worker.runtime.stats.samplers,
+                "torch_threads": torch.get_num_threads(), "device": f"cpu ({os.cpu_count()} cores)",
+                "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    finally:
+        torch.set_num_threads(threads_before)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--calls", type=int, default=2000)
@@ -252,8 +325,18 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--torch-threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    p.add_argument("--service", action="store_true",
+                   help="soak the serve worker instead (batches of requests, bad bodies, model failures)")
     p.add_argument("--json", help="also write the report here")
     a = p.parse_args(argv)
+    if a.service:
+        report = run_service_soak(a.calls, seed=a.seed, warmup=a.warmup, recheck=a.recheck, fail_rate=a.fail_rate,
+                                  bad_rate=a.bad_rate, torch_threads=a.torch_threads)
+        print(json.dumps(report, indent=1))
+        if a.json:
+            with open(a.json, "w") as f:
+                f.write(json.dumps(report, indent=1) + "\n")
+        return 0 if report["bad_refused"] == report["bad_requests"] and report["failures_absorbed"] >= 0 else 1
     shapes = [tuple(int(v) for v in s.split("x")) for s in a.latents.split(",")]
     report = run_soak(a.calls, steps=a.steps, latent_shapes=shapes, max_batch=a.max_batch, seed=a.seed,
                       warmup=a.warmup, recheck=a.recheck, device=a.device, torch_threads=a.torch_threads,

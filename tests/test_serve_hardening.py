@@ -238,3 +238,16 @@ def test_queue_settings():
                       (dict(max_inflight_cost=0), "max_inflight_cost")):
         with pytest.raises(ConfigError, match=words):
             ServeSettings(**kw)
+
+
+def test_service_soak_refuses_bad_requests_and_isolates_model_failures(tiny_pair):
+    """benchmarks/soak.py --service, short: bad bodies never reach a batch, an injected model failure
+    fails at most the one request it hit, batched results equal single ones, RSS flat after warm-up."""
+    from reliability.test_soak import load_soak
+
+    r = load_soak().run_service_soak(40, warmup=10, recheck=3, fail_rate=0.3, bad_rate=0.2, torch_threads=1,
+                                     pair=tiny_pair)
+    assert r["bad_requests"] > 0 and r["bad_refused"] == r["bad_requests"], r
+    assert r["failures_injected"] > 0 and 0 <= r["errors"] <= r["failures_injected"], r
+    assert r["batched_vs_single_max_rel"] is not None and r["batched_vs_single_max_rel"] <= 1e-5, r
+    assert r["rss_growth_after_warmup_mib"] < 8.0, r
