@@ -65,7 +65,8 @@ class Call:
     bad: bytes | None = None
 
 
-BAD_BODIES = (b'{"prompt": "\\ud800"}', b'{"prompt": "x", "negative_prompt": "\\udfff"}', b'{"prompt": "x", "cfg": 1e39}',
+BAD_BODIES = (b'{"prompt": "\\ud800"}', b'{"prompt": "x", "negative_prompt": "\\udfff"}',
+              b'{"prompt": "x", "cfg": 1e39}',
               b'{"prompt": "x", "lam": 1' + b"0" * 400 + b"}", b'{"prompt": "x", "seed": ' + b"7" * 5000 + b"}",
               b"[" * 30000, b'{"prompt": "x", "cfg": NaN}', b"\xff")
 
@@ -300,7 +301,8 @@ def run_service_soak(batches: int = 300, *, max_batch: int = 4, seed: int = 0, w
         # An injected failure either hits a call of several requests (retried one by one: absorbed) or a
         # call of one (that request's error, a 500): never more than one error per injection.
         counts["failures_absorbed"] = counts["failures_injected"] - counts["errors"]
-        return {**counts, "batches": batches, "wall_s": round(wall, 2), "requests_per_s": round(counts["requests"] / wall, 2),
+        return {**counts, "batches": batches, "wall_s": round(wall, 2),
+                "requests_per_s": round(counts["requests"] / wall, 2),
                 "rss_after_warmup_mib": round(rss[w] / MIB, 1), "rss_end_mib": round(rss[-1] / MIB, 1),
                 "rss_peak_mib": round(max(rss) / MIB, 1),
                 "rss_growth_after_warmup_mib": round((rss[-1] - rss[w]) / MIB, 2),

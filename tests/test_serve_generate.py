@@ -86,9 +86,11 @@ def test_generate_request_validation(gen_worker):
     assert (r.height, r.width, r.guided_steps, r.lam, r.cfg, r.output) == (32, 32, GUIDED, 0.01, 7.5, "png")
     assert r.group_key == (GUIDED, 32, 32)
     for body, err, words in [
-        ({"prompt": "x", "height": 64, "width": 64}, InputError, "one of the sizes this deployment warmed (32x32, 32x48)"),
+        ({"prompt": "x", "height": 64, "width": 64}, InputError,
+         "one of the sizes this deployment warmed (32x32, 32x48)"),
         ({"prompt": "x", "height": 32.0, "width": 32}, InputError, "height x width must be"),
-        ({"prompt": "x", "guided_steps": STEPS + 1}, ConfigError, f"guided_steps must be an integer in [0, steps={STEPS}]"),
+        ({"prompt": "x", "guided_steps": STEPS + 1}, ConfigError,
+         f"guided_steps must be an integer in [0, steps={STEPS}]"),
         ({"prompt": "x", "steps": 4}, InputError, "unknown request field(s) ['steps']"),
         ({"prompt": "x", "family": "lcm"}, InputError, "unknown request field(s) ['family']"),
         ({"prompt": "x", "output": "latent"}, InputError, "output must be one of png, image_b64"),

@@ -113,7 +113,8 @@ class SamplerDeployment:
     def health(self) -> dict:
         w, st = self.worker, self.worker_stats()
         return {"status": "ok", "replica": self.replica, "route": w.route, **w.describe(), "device": str(w.device),
-                "max_batch_size": self.settings.max_batch_size, "batch_buckets": list(self.settings.resolved_batch_buckets),
+                "max_batch_size": self.settings.max_batch_size,
+                "batch_buckets": list(self.settings.resolved_batch_buckets),
                 "batch_wait_timeout_s": self.settings.batch_wait_timeout_s,
                 "consecutive_failures": self._failures, "inflight_cost": self.gate.inflight,
                 "max_inflight_cost": self.gate.budget, "pid": os.getpid(), "runtime": st}
