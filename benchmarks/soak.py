@@ -270,6 +270,9 @@ def run_service_soak(batches: int = 300, *, max_batch: int = 4, seed: int = 0, w
         rss, first, t0 = [], [], time.perf_counter()
         for i in range(batches):
             reqs = []
+            # One sampler key per batch, as Serve's batches mostly are: the requests share one call.
+            key = {"family": rng.choice(FAMILIES), "steps": rng.randint(1, 2)}
+            key["guided_steps"] = rng.randint(0, key["steps"])
             for _ in range(rng.randint(1, max_batch)):
                 if rng.random() < bad_rate:
                     counts["bad_requests"] += 1
@@ -278,11 +281,8 @@ def run_service_soak(batches: int = 300, *, max_batch: int = 4, seed: int = 0, w
                     except DistppError:
                         counts["bad_refused"] += 1
                     continue
-                family = rng.choice(FAMILIES)
-                reqs.append(worker.parse({"prompt": f"soak {rng.randrange(50)}", "seed": rng.randrange(2**32),
-                                          "family": family, "steps": rng.randint(1, 2),
-                                          "guided_steps": rng.randint(0, 1), "lam": round(rng.uniform(0, 0.3), 3),
-                                          "cfg": round(rng.uniform(1, 9), 2)}))
+                reqs.append(worker.parse({"prompt": f"soak {rng.randrange(50)}", "seed": rng.randrange(2**32), **key,
+                                          "lam": round(rng.uniform(0, 0.3), 3), "cfg": round(rng.uniform(1, 9), 2)}))
             if not reqs:
                 continue
             if rng.random() < fail_rate:
