@@ -2,12 +2,14 @@
 
 For each batch setting (max_batch_size:batch_wait_timeout_s) the app is deployed with ``--replicas``
 replicas, then for each concurrency level C, C closed-loop clients send POST /sample over loopback HTTP
-(127.0.0.1 only) until ``--requests`` requests have been sent or ``--max-duration-s`` has passed.
+(127.0.0.1 only; run it inside tests/in_loopback_netns.sh) until ``--requests`` requests have been sent
+or ``--max-duration-s`` has passed.
 Reports p50/p99 latency, throughput (completed requests/s) and errors per level; writes JSON rows with
 the machine, versions and commit beside the table.
 
     pip install ".[serve]"
-    python benchmarks/serve_load.py --replicas 2 --concurrency 1,4,16 --batch 1:0,8:0.02 --requests 32
+    tests/in_loopback_netns.sh python benchmarks/serve_load.py --replicas 2 --concurrency 1,4,16 \
+        --batch 1:0,8:0.02 --requests 32
 """
 
 from __future__ import annotations
@@ -121,16 +123,17 @@ def free_port() -> int:
 
 def main(argv=None) -> None:
     a = parse_args(argv)
-    import ray
-    from ray import serve
-
     from distpp.serve import ServeSettings, build_app
+    from distpp.serve.local_ray import init_local_ray
 
     levels = [int(c) for c in a.concurrency.split(",")]
     batch_settings = [(int(b.split(":")[0]), float(b.split(":")[1])) for b in a.batch.split(",")]
     base = ServeSettings(preset=a.preset, replicas=a.replicas, cpus_per_replica=a.cpus_per_replica, device=a.device)
     port = free_port()
-    ray.init(address="local", include_dashboard=False, log_to_driver=False)
+    init_local_ray(log_to_driver=False)  # every listener on 127.0.0.1
+    import ray
+    from ray import serve
+
     rows = []
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})

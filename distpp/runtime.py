@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import operator
 import time
+from collections import OrderedDict
 from dataclasses import dataclass, field, fields, replace
 from typing import Any, Iterable, Mapping, Sequence
 
@@ -31,6 +32,9 @@ from .graphs import ON_MISS, GraphBudget, GraphRunner
 from .sampler import Sampler
 
 GRAPH_MODES = ("auto", True, False)
+# GraphStats counters a Runtime sums over its runners.
+_COUNTERS = ("captures", "replays", "static_runs", "eager_runs", "padded_calls", "evictions", "oom_fallbacks",
+             "capture_s")
 
 
 @dataclass(frozen=True)
@@ -147,6 +151,8 @@ class Runtime:
     resolutions:      latent (H, W) sizes ``warmup`` captures (and the backends' build shapes).
     latent_channels:  latent C (default: the student's spec.in_channels).
     max_graphs:       total bound on cached loops over every config (LRU).
+    max_samplers:     bound on the Samplers kept (one per distinct config; LRU, the Runtime's own config
+                      is never dropped): a service fed odd settings cannot grow without bound.
     on_miss:          a call no warmed bucket fits: "eager" (default), "capture" (on first use), "error".
     device, dtype, teacher_dtype: as Sampler's (default: from the Denoisers' specs).
     cache:            an ArtifactCache for ONNX exports / engines (default: $DISTPP_CACHE).
@@ -156,7 +162,8 @@ class Runtime:
     def __init__(self, student, teacher=None, *, cond_spec: CondSpec, teacher_cond_spec: CondSpec | None = None,
                  config: SamplerConfig | None = None, backend: str = "auto", graphs: bool | str = "auto",
                  batch_sizes: Sequence[int] = (1,), resolutions: Sequence[tuple[int, int]] | None = None,
-                 latent_channels: int | None = None, max_graphs: int = 8, on_miss: str = "eager",
+                 latent_channels: int | None = None, max_graphs: int = 8, max_samplers: int = 32,
+                 on_miss: str = "eager",
                  device: torch.device | str | None = None, dtype: torch.dtype | None = None,
                  teacher_dtype: torch.dtype | None = None, backend_options: Mapping[str, Any] | None = None,
                  cache=None, label: str | None = None):
@@ -172,6 +179,9 @@ class Runtime:
             raise ConfigError(f"graphs must be 'auto', True or False, got {graphs!r}")
         if on_miss not in ON_MISS:
             raise ConfigError(f"on_miss must be one of {', '.join(ON_MISS)}, got {on_miss!r}")
+        if not isinstance(max_samplers, int) or isinstance(max_samplers, bool) or max_samplers < 1:
+            raise ConfigError(f"max_samplers must be an int >= 1, got {max_samplers!r}")
+        self.max_samplers = max_samplers
         self.config = config or SamplerConfig()
         self.cond_spec, self.teacher_cond_spec = cond_spec, teacher_cond_spec
         self.batch_sizes = _positive_ints("batch_sizes", batch_sizes)
@@ -201,8 +211,9 @@ class Runtime:
         self._stats = RuntimeStats(backend=self.backend, graphs=self.graphs, cuda_graphs=self.graphs and on_cuda,
                                    build_s=timings.get("export_s", 0.0) + timings.get("build_s", 0.0)
                                    or time.perf_counter() - t0)
-        self._samplers: dict[SamplerConfig, Sampler] = {}
+        self._samplers: OrderedDict[SamplerConfig, Sampler] = OrderedDict()
         self._runners: dict[SamplerConfig, GraphRunner] = {}
+        self._dropped: dict[str, float] = {}  # counters of runners dropped with their samplers
         self._closed = False
 
     # -- configs and the objects built per config -------------------------------------------------------
@@ -233,8 +244,20 @@ class Runtime:
                 s = Sampler(self.student, self.teacher, cfg, device=self.device, dtype=self.dtype,
                             teacher_dtype=self.teacher_dtype)
                 self._samplers[cfg] = s
+                while len(self._samplers) > self.max_samplers:
+                    self._drop(next(c for c in self._samplers if c != self.config and c != cfg))
                 self._stats.samplers = len(self._samplers)
+            self._samplers.move_to_end(cfg)
             return s
+
+    def _drop(self, cfg: SamplerConfig) -> None:
+        """Forget ``cfg``'s sampler and runner (its graphs released; its counters kept). Caller holds the lock."""
+        r = self._runners.pop(cfg, None)
+        if r is not None:
+            r.clear()  # releases its graphs (counted as evictions in its stats), then its counters are kept
+            for name in _COUNTERS:
+                self._dropped[name] = self._dropped.get(name, 0) + getattr(r.stats, name)
+        del self._samplers[cfg]
 
     def runner(self, config: SamplerConfig | Mapping[str, Any] | None = None) -> GraphRunner:
         """The GraphRunner of ``config`` (graphs on only), under the Runtime's one budget."""
@@ -317,8 +340,8 @@ class Runtime:
     def stats(self) -> RuntimeStats:
         """Counters summed over the Runtime's graph runners (host ints; no sync)."""
         st = self._stats
-        for name in ("captures", "replays", "static_runs", "eager_runs", "padded_calls", "evictions", "oom_fallbacks", "capture_s"):
-            setattr(st, name, sum(getattr(r.stats, name) for r in self._runners.values()))
+        for name in _COUNTERS:
+            setattr(st, name, sum(getattr(r.stats, name) for r in self._runners.values()) + self._dropped.get(name, 0))
         return st
 
     def close(self) -> None:

@@ -77,6 +77,22 @@ def test_one_graph_budget_over_every_config(tiny_pair, spec):
     assert len(keys) == 2 and rt.stats.evictions == 1  # three configs warmed, two kept: the LRU one went
 
 
+def test_samplers_are_bounded_lru_and_the_default_config_stays(tiny_pair, spec):
+    rt = runtime(tiny_pair, spec, graphs=True, max_samplers=2)
+    cond, uncond = tiny_pair.random_cond(1)
+    for lam in (0.1, 0.2, 0.3):
+        rt.sample({"lam": lam, "steps": 1}, cond, uncond=uncond, latent_shape=SHAPE, seeds=[0])
+    kept = set(rt._samplers)
+    assert len(kept) == 2 and rt.config not in kept  # the default config was never used: not pinned in
+    rt.sampler(None)
+    assert rt.config in rt._samplers and len(rt._samplers) == 2
+    rt.sample({"lam": 0.9, "steps": 1}, cond, uncond=uncond, latent_shape=SHAPE, seeds=[0])
+    assert rt.config in rt._samplers  # the default is never the one dropped
+    assert rt.stats.eager_runs == 4 and set(rt._runners) <= set(rt._samplers)
+    with pytest.raises(ConfigError, match="max_samplers"):
+        runtime(tiny_pair, spec, max_samplers=0)
+
+
 def test_on_miss_error_refuses_unwarmed_shapes(tiny_pair, spec):
     cond, uncond = tiny_pair.random_cond(2)
     rt = runtime(tiny_pair, spec, graphs=True, batch_sizes=(1,), on_miss="error")

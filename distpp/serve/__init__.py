@@ -1,10 +1,12 @@
 """Serving distpp beyond one GPU with Ray Serve (``pip install ".[serve]"``).
 
-One :class:`SamplerWorker` (a model pair and its samplers, built and warmed once) per Ray Serve replica,
-one GPU each when the cluster has GPUs; Serve's dynamic batching merges concurrent requests into
-batched ``Sampler.sample`` calls (per-request seed, lam, cfg; requests with different family / steps /
-guided_steps run as separate calls). Python handle API and HTTP/JSON endpoint: see
-:mod:`distpp.serve.deployment`. Run locally with ``python -m distpp.serve --preset tiny --replicas 2``.
+One worker per Ray Serve replica (built and warmed once; one GPU each when the cluster has GPUs), both
+sampling through one ``distpp.Runtime``: in pipeline mode a text-to-image ``Pipeline`` serving
+``POST /generate`` (decoded images), in preset mode a preset's UNet pair serving ``POST /sample``
+(latents; latency tests of the loop). Serve's dynamic batching merges concurrent requests into batched
+calls (per-request seed, lam, cfg), padded to the warmed batch buckets. HTTP and handle API: see
+:mod:`distpp.serve.deployment`. Run locally with ``python -m distpp.serve --preset tiny --replicas 2``
+or ``python -m distpp.serve --student ... --teacher ... --family lcm``.
 
 Ray is imported lazily: this package imports without it; :func:`build_app` raises
 ``BackendUnavailableError`` naming the extra to install.
@@ -13,17 +15,21 @@ Ray is imported lazily: this package imports without it; :func:`build_app` raise
 from __future__ import annotations
 
 import importlib.util
+import os
 
 from ..errors import BackendUnavailableError
-from .conditioning import latent_b64, latent_image, png_bytes, prompt_cond
-from .request import SampleRequest, ServeSettings, parse_request, settings_from_strings
-from .worker import SamplerWorker, group_indices
+from .conditioning import image_png, latent_b64, latent_image, png_bytes, prompt_cond
+from .request import GenerateRequest, SampleRequest, ServeSettings, parse_generate, parse_request, settings_from_strings
+from .worker import PipelineWorker, PresetWorker, group_indices, make_worker
 
 
 def is_available() -> bool:
-    """True when Ray Serve (and starlette, which it brings) can be imported."""
-    return importlib.util.find_spec("ray") is not None and importlib.util.find_spec("ray.serve") is not None \
-        and importlib.util.find_spec("starlette") is not None
+    """True when Ray Serve (and starlette, which it brings) can be imported. Imports neither: a local Ray
+    reads its environment when ray is first imported (see distpp.serve.local_ray)."""
+    ray = importlib.util.find_spec("ray")
+    serve = ray is not None and any(os.path.isdir(os.path.join(loc, "serve"))
+                                    for loc in ray.submodule_search_locations or ())
+    return serve and importlib.util.find_spec("starlette") is not None
 
 
 def build_app(settings: ServeSettings):
@@ -35,5 +41,6 @@ def build_app(settings: ServeSettings):
     return _build(settings)
 
 
-__all__ = ["ServeSettings", "SampleRequest", "parse_request", "settings_from_strings", "SamplerWorker",
-           "group_indices", "prompt_cond", "latent_b64", "latent_image", "png_bytes", "is_available", "build_app"]
+__all__ = ["ServeSettings", "SampleRequest", "GenerateRequest", "parse_request", "parse_generate",
+           "settings_from_strings", "PresetWorker", "PipelineWorker", "make_worker", "group_indices", "prompt_cond",
+           "latent_b64", "latent_image", "png_bytes", "image_png", "is_available", "build_app"]

@@ -1,10 +1,9 @@
-"""Prompt -> conditioning for serving, and latent -> output encodings.
+"""Preset mode's prompt -> conditioning, and the output encodings of both modes.
 
 The presets carry UNets but no text encoder, so :func:`prompt_cond` is a deterministic stand-in: the
 prompt's SHA-256 seeds random text states of the preset's shape. Equal prompts give equal
 conditioning on every replica and machine, which is what batching and routing need; it is NOT a text
-encoder. When ``distpp.pipeline.Pipeline`` (text encoders + VAE) is available, a replica would hold
-a Pipeline instead and call its encode step here (and decode latents to images in ``png_bytes``).
+encoder (pipeline mode encodes prompts with the Pipeline's own text encoders and decodes with its VAE).
 """
 
 from __future__ import annotations
@@ -40,8 +39,8 @@ def prompt_cond(info: PresetInfo, prompt: str) -> Cond:
 
 
 def latent_b64(latent: np.ndarray) -> str:
-    """Base64 of the latent's raw little-endian float32 bytes (C order); decode with
-    ``np.frombuffer(base64.b64decode(s), "<f4").reshape(shape)``."""
+    """Base64 of an array's raw little-endian float32 bytes (C order; latents and float images); decode
+    with ``np.frombuffer(base64.b64decode(s), "<f4").reshape(shape)``."""
     return base64.b64encode(np.ascontiguousarray(latent, dtype="<f4").tobytes()).decode("ascii")
 
 
@@ -59,4 +58,14 @@ def png_bytes(latent: np.ndarray) -> bytes:
 
     buf = io.BytesIO()
     Image.fromarray(latent_image(latent)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def image_png(image: np.ndarray) -> bytes:
+    """PNG file bytes of a [H, W, 3] float image in [0, 1], rounded to 8 bits as ``distpp.pipeline.to_pil``
+    rounds (so the PNG is within 1/255 of the float image)."""
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(np.round(np.clip(image, 0.0, 1.0) * 255.0).astype(np.uint8)).save(buf, format="PNG")
     return buf.getvalue()
