@@ -1,4 +1,4 @@
-"""Latency of one serve replica's worker (distpp.serve.worker.SamplerWorker), without Ray: a batch of
+"""Latency of one serve replica's worker (distpp.serve.worker.PresetWorker), without Ray: a batch of
 requests parsed as Serve would pass them, run through ``run_batch`` (latents back on the host).
 
     python benchmarks/bench_serve_worker.py --preset sd15 --dtype float16 --batches 1 4 --json out/serve.json
@@ -28,20 +28,24 @@ def main(argv=None) -> int:
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 4])
     ap.add_argument("--repeats", type=int, default=10)
     ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--graphs", default="auto", choices=("auto", "on", "off"),
+                    help="the worker Runtime's CUDA graphs (auto: on for a GPU; batches padded to the buckets)")
     ap.add_argument("--json", default="serve_worker.json")
     args = ap.parse_args(argv)
     from distpp.errors import DistppError
     from distpp.serve.request import ServeSettings, parse_request
-    from distpp.serve.worker import SamplerWorker
+    from distpp.serve.worker import PresetWorker
 
     if args.repeats < 1 or args.warmup < 0 or any(b < 1 or b > 1024 for b in args.batches):
         print("bench_serve_worker: --repeats >= 1, --warmup >= 0 and --batches in 1..1024", file=sys.stderr)
         return 2
     try:
+        graphs = {"auto": "auto", "on": True, "off": False}[args.graphs]
         settings = ServeSettings(preset=args.preset, device=args.device, dtype=args.dtype,
-                                 max_batch_size=max(args.batches))
+                                 max_batch_size=max(args.batches), batch_buckets=tuple(sorted(set(args.batches))),
+                                 graphs=graphs)
         t0 = time.perf_counter()
-        worker = SamplerWorker(settings)
+        worker = PresetWorker(settings)
         worker.warm()
     except DistppError as e:
         print(f"bench_serve_worker: {e}", file=sys.stderr)
@@ -69,7 +73,8 @@ def main(argv=None) -> int:
                          p90_ms=sorted(times)[min(len(times) - 1, int(round(0.9 * (len(times) - 1))))],
                          images_per_s=1e3 * B / med, repeats=len(times)))
     info = H.run_info()
-    info.update(build_s=build_s, worker_device=str(worker.device), settings=repr(settings))
+    info.update(build_s=build_s, worker_device=str(worker.device), settings=repr(settings),
+                runtime=repr(worker.runtime.stats))
     path = H.write_rows(args.json, rows, info)
     print(f"serve worker ({args.preset}, {args.dtype}) on {info['gpu'] or 'cpu'}, built and warmed in {build_s:.1f} s")
     H.print_table(rows, ["batch", "median_ms", "p90_ms", "images_per_s", "repeats"])
