@@ -130,8 +130,9 @@ class GmmLabConfig:
         for r in self.rules:
             if r not in TEACHER_RULES:
                 raise ConfigError(f"unknown teacher rule {r!r} (--rules); pass some of {', '.join(TEACHER_RULES)}")
-        if not isinstance(self.flow_shift, (int, float)) or not (math.isfinite(self.flow_shift) and self.flow_shift > 0):
-            raise ConfigError(f"flow_shift (--flow-shift) must be a finite number > 0 (SD3.5: 3), got {self.flow_shift!r}")
+        fs = self.flow_shift
+        if not isinstance(fs, (int, float)) or not (math.isfinite(fs) and fs > 0):
+            raise ConfigError(f"flow_shift (--flow-shift) must be a finite number > 0 (SD3.5: 3), got {fs!r}")
         for name, v in (("leak", self.leak), ("weight_skew", self.weight_skew)):
             if not (0.0 <= v <= 1.0):
                 raise ConfigError(f"{name} (--{name.replace('_', '-')}) must be in [0, 1], got {v}")
@@ -433,8 +434,8 @@ def table(result: dict) -> str:
                      "the class-conditional mixture itself (the ceiling), w>1 a CFG-sharpened target that "
                      "over-weights the modes far from the other class, so it can score worse than the student.")
     if any(is_flow(f) for f in cfg["families"]):
-        lines.append(f"  flow: the rectified-flow forms of the same mixtures (x = (1 - sig) x0 + sig e; teacher = exact "
-                     f"velocity E[e - x0 | x], student = the ODE map integrated in flow variables from sig = 1), "
+        lines.append(f"  flow: the rectified-flow forms of the same mixtures (x = (1 - sig) x0 + sig e; teacher = "
+                     f"exact velocity E[e - x0 | x], student = the ODE map integrated in flow variables from sig = 1), "
                      f"shift {cfg['flow_shift']:g}, timestep input sig * {FLOW_TIMESTEP_SCALE:g}; the other families "
                      f"run in VP variables on the SD schedule.")
     if cfg["class_layout"] == "interleaved":
@@ -503,8 +504,9 @@ def config_from_args(args) -> GmmLabConfig:
         d=args.d, modes=args.modes, n_classes=args.classes, std=args.std, class_layout=args.class_layout,
         leak=args.leak, shift=args.shift, weight_skew=args.weight_skew, families=args.families, steps=args.steps,
         samples=args.samples, ref_samples=args.ref_samples or args.samples, seeds=args.seeds,
-        ode_steps=args.ode_steps, flow_shift=args.flow_shift, lams=args.lams, guided=args.guided, cfg=args.cfg, cfgs=args.cfgs,
-        rules=args.rules, sweep_guided=args.sweep_guided, sweep_lam=args.sweep_lam, teacher_steps=args.teacher_steps)
+        ode_steps=args.ode_steps, flow_shift=args.flow_shift, lams=args.lams, guided=args.guided, cfg=args.cfg,
+        cfgs=args.cfgs, rules=args.rules, sweep_guided=args.sweep_guided, sweep_lam=args.sweep_lam,
+        teacher_steps=args.teacher_steps)
 
 
 def add_args(p) -> None:
