@@ -29,14 +29,17 @@ from ..schedules import FAMILIES, build_schedule
 from . import csv_list, save_figure
 from . import write_outputs as write_lab_outputs
 from .metrics import energy_distance, mode_stats, paired_effect, sliced_wasserstein
-from .mixture import (CLASS_LAYOUTS, CFGDenoiser, Mixture, MixtureTeacher, OdeMapStudent, class_cond, null_cond,
-                      perturbed, ring_mixture, sample_mixture)
+from .mixture import (CLASS_LAYOUTS, CFGDenoiser, FlowMixtureTeacher, FlowOdeMapStudent, Mixture, MixtureTeacher,
+                      OdeMapStudent, class_cond, null_cond, perturbed, ring_mixture, sample_mixture)
 
 METRICS = ("energy", "sliced_w1", "accuracy", "mode_weight_tv", "coverage", "in_mode")
 # The paper's teacher-timestep ablation (DMD2 FID, lower is better): next < random < same.
 PAPER_RULE_ORDER = ("next", "random", "same")
 # Reference samples use seeds far from the samplers' (per-sample seeds r*B + i), so they are independent.
 REF_SEED_OFFSET = 10**9
+# The flow family's model timestep input in the lab: sig * 1000, as StableDiffusion3Pipeline passes it (the
+# lab's flow models decode sig = t / 1000, so the choice does not change a result).
+FLOW_TIMESTEP_SCALE = 1000.0
 
 
 @dataclass(frozen=True)
@@ -51,7 +54,11 @@ class GmmLabConfig:
                    mode weight": C*L / (1 + C*L) for C = 2 classes, L = 0.3, 18.75% of the mass on the
                    wrong class).
     families:      student families to run (each through the Sampler).
-    steps:         student steps N (dmd2/euler: 999/749/499/249 at 4; lcm: 999/759/499/259).
+    steps:         student steps N (dmd2/euler: 999/749/499/249 at 4; lcm: 999/759/499/259; flow with shift 3:
+                   sig 1, 0.858, 0.602, 0.009).
+    flow_shift:    the flow family's sigma shift (family option shift; 3 = SD3.5's scheduler). Its student
+                   and teacher are the rectified-flow forms of the same mixtures (velocity predictions, the
+                   ODE map integrated in flow variables from sig = 1), timestep input sig * 1000.
     samples:       samples per run (labels alternate over the classes); ref_samples: true samples per
                    class and seed for the metrics.
     seeds:         replicates; replicate r uses per-sample seeds r*samples + i for every configuration.
@@ -77,6 +84,7 @@ class GmmLabConfig:
     ref_samples: int = 3000
     seeds: int = 3
     ode_steps: int = 100
+    flow_shift: float = 3.0
     lams: tuple[float, ...] = (0.01, 0.1, 0.3, 0.5)
     guided: tuple[int, ...] = (1, 2)
     cfg: float = 7.5
@@ -122,6 +130,9 @@ class GmmLabConfig:
         for r in self.rules:
             if r not in TEACHER_RULES:
                 raise ConfigError(f"unknown teacher rule {r!r} (--rules); pass some of {', '.join(TEACHER_RULES)}")
+        fs = self.flow_shift
+        if not isinstance(fs, (int, float)) or not (math.isfinite(fs) and fs > 0):
+            raise ConfigError(f"flow_shift (--flow-shift) must be a finite number > 0 (SD3.5: 3), got {fs!r}")
         for name, v in (("leak", self.leak), ("weight_skew", self.weight_skew)):
             if not (0.0 <= v <= 1.0):
                 raise ConfigError(f"{name} (--{name.replace('_', '-')}) must be in [0, 1], got {v}")
@@ -187,10 +198,29 @@ def score(x: torch.Tensor, labels: torch.Tensor, mix: Mixture, refs: list[torch.
     return {k: float(np.mean([p[k] for p in per])) for k in METRICS}
 
 
-def make_sampler(setting: Setting, student, teacher, steps: int) -> Sampler:
+def is_flow(family: str) -> bool:
+    """Whether ``family`` runs in rectified-flow variables (its models predict velocities)."""
+    return family == "flow"
+
+
+def family_models(family: str, mix: Mixture, smix: Mixture, ode_steps: int) -> tuple:
+    """(student, teacher) of ``family`` for the true mixture ``mix`` and the student's ``smix``: the VP forms
+    (ODE map predicting x0, exact denoiser predicting epsilon, on the SD training table) or, for flow, the
+    rectified-flow forms (both predicting velocities, timestep input sig * FLOW_TIMESTEP_SCALE)."""
+    if is_flow(family):
+        return FlowOdeMapStudent(smix, FLOW_TIMESTEP_SCALE, ode_steps), FlowMixtureTeacher(mix, FLOW_TIMESTEP_SCALE)
+    acp = build_schedule("ddim", 1).alphas_cumprod  # the SD training table, shared by every VP family
+    return OdeMapStudent(smix, acp, ode_steps), MixtureTeacher(mix, acp)
+
+
+def make_sampler(setting: Setting, student, teacher, steps: int, flow_shift: float = 3.0) -> Sampler:
+    if is_flow(setting.family):
+        kw = dict(prediction_type="flow", teacher_prediction_type="flow",
+                  family_options=dict(shift=float(flow_shift), timestep_scale=FLOW_TIMESTEP_SCALE))
+    else:
+        kw = dict(prediction_type="sample", teacher_prediction_type="epsilon")
     sc = SamplerConfig(family=setting.family, steps=steps, guided_steps=setting.guided, lam=setting.lam,
-                       cfg=setting.cfg, teacher_rule=setting.rule, prediction_type="sample",
-                       teacher_prediction_type="epsilon", kernel_impl="torch")
+                       cfg=setting.cfg, teacher_rule=setting.rule, kernel_impl="torch", **kw)
     return Sampler(student, teacher, sc)
 
 
@@ -276,9 +306,10 @@ def _run_gmm(cfg: GmmLabConfig, log, machine_name: str) -> dict:
     t_start = time.perf_counter()
     mix = ring_mixture(cfg.d, cfg.modes, cfg.n_classes, cfg.radius, cfg.std, cfg.class_layout)
     smix = perturbed(mix, leak=cfg.leak, shift=cfg.shift, weight_skew=cfg.weight_skew)
-    acp = build_schedule("ddim", 1).alphas_cumprod  # the SD training table, shared by every family
-    teacher = MixtureTeacher(mix, acp)
-    student = OdeMapStudent(smix, acp, cfg.ode_steps)
+    # (student, teacher) per kind, keyed by is_flow: the VP families share one pair, whose teacher also
+    # gives the teacher-alone rows (the same mixture either way).
+    models = {False: family_models("ddim", mix, smix, cfg.ode_steps)}
+    teacher = models[False][1]
     refs = [references(mix, cfg, r) for r in range(cfg.seeds)]
     rows, scatter = [], {}
 
@@ -303,9 +334,12 @@ def _run_gmm(cfg: GmmLabConfig, log, machine_name: str) -> dict:
             log(format_row(rows[-1]))
 
     for fam in cfg.families:
+        if is_flow(fam) not in models:
+            models[True] = family_models(fam, mix, smix, cfg.ode_steps)
+        student, fam_teacher = models[is_flow(fam)]
         base = None
         for st in settings(cfg, fam):
-            samp = make_sampler(st, student, teacher, cfg.steps)
+            samp = make_sampler(st, student, fam_teacher, cfg.steps, cfg.flow_shift)
             per = []
             for r in range(cfg.seeds):
                 x, labels = run_setting(samp, mix, cfg.samples, r)
@@ -399,6 +433,11 @@ def table(result: dict) -> str:
         lines.append("  teacher alone: the exact teacher sampled on its own (DDIM, eta 0, CFG folded in); w=1 is "
                      "the class-conditional mixture itself (the ceiling), w>1 a CFG-sharpened target that "
                      "over-weights the modes far from the other class, so it can score worse than the student.")
+    if any(is_flow(f) for f in cfg["families"]):
+        lines.append(f"  flow: the rectified-flow forms of the same mixtures (x = (1 - sig) x0 + sig e; teacher = "
+                     f"exact velocity E[e - x0 | x], student = the ODE map integrated in flow variables from sig = 1), "
+                     f"shift {cfg['flow_shift']:g}, timestep input sig * {FLOW_TIMESTEP_SCALE:g}; the other families "
+                     f"run in VP variables on the SD schedule.")
     if cfg["class_layout"] == "interleaved":
         lines.append("  interleaved layout: both classes have the same mean and covariance, so at the teacher's "
                      "levels (t >= 499) a noised sample carries no class information and CFG cannot act.")
@@ -465,8 +504,9 @@ def config_from_args(args) -> GmmLabConfig:
         d=args.d, modes=args.modes, n_classes=args.classes, std=args.std, class_layout=args.class_layout,
         leak=args.leak, shift=args.shift, weight_skew=args.weight_skew, families=args.families, steps=args.steps,
         samples=args.samples, ref_samples=args.ref_samples or args.samples, seeds=args.seeds,
-        ode_steps=args.ode_steps, lams=args.lams, guided=args.guided, cfg=args.cfg, cfgs=args.cfgs,
-        rules=args.rules, sweep_guided=args.sweep_guided, sweep_lam=args.sweep_lam, teacher_steps=args.teacher_steps)
+        ode_steps=args.ode_steps, flow_shift=args.flow_shift, lams=args.lams, guided=args.guided, cfg=args.cfg,
+        cfgs=args.cfgs, rules=args.rules, sweep_guided=args.sweep_guided, sweep_lam=args.sweep_lam,
+        teacher_steps=args.teacher_steps)
 
 
 def add_args(p) -> None:
@@ -492,6 +532,8 @@ def add_args(p) -> None:
     p.add_argument("--ref-samples", type=int, default=None, help="true samples per class and seed (default: --samples)")
     p.add_argument("--seeds", type=int, default=d.seeds, help="seed-paired replicates")
     p.add_argument("--ode-steps", type=int, default=d.ode_steps, help="Heun steps of the student's ODE map")
+    p.add_argument("--flow-shift", type=float, default=d.flow_shift,
+                   help="sigma shift of the flow family (3 = SD3.5's; its models are the rectified-flow forms)")
     p.add_argument("--lams", type=floats, default=d.lams, metavar="LIST",
                    help="lam sweep, comma-separated, e.g. 0.01,0.1")
     p.add_argument("--guided", type=ints, default=d.guided, metavar="LIST",

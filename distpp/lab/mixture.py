@@ -156,6 +156,44 @@ def posterior_mean(x: torch.Tensor, abar: torch.Tensor, mix: Mixture, w: torch.T
     return (r[..., None] * post).sum(1)
 
 
+def flow_velocity(x: torch.Tensor, sig: torch.Tensor, mix: Mixture, w: torch.Tensor) -> torch.Tensor:
+    """E[e - x0 | x] under rectified flow x = (1 - sig) x0 + sig e, for x [b, d] float64 at sig [b] in [0, 1]
+    with mixture weights w [b, K]: the exact flow-matching velocity, which is also the probability-flow
+    ODE's dx/dsig. The same posterior as the VP one with a = 1 - sig, s = sig; per mode,
+    E[x0 | x] = mu + a v0 / var (x - a mu) and E[e | x] = s / var (x - a mu) with var = a^2 v0 + s^2, so
+    v = -mu + (s - a v0) / var (x - a mu): no division by a or s, finite at sig = 1 (a = 0: v = x - E[x0])
+    and at sig = 0 (v = -x)."""
+    a, s = 1.0 - sig, sig
+    v0 = mix.stds.pow(2)[None]  # [1, K]
+    var = a[:, None] ** 2 * v0 + s[:, None] ** 2
+    r, diff = _log_resp(x, mix, w, var, a)
+    per_mode = -mix.means[None] + ((s[:, None] - a[:, None] * v0) / var)[..., None] * diff
+    return (r[..., None] * per_mode).sum(1)
+
+
+def flow_ode_map(x: torch.Tensor, sig: torch.Tensor, mix: Mixture, w: torch.Tensor, steps: int = 100,
+                 rho: float = 3.0) -> torch.Tensor:
+    """The probability-flow-ODE map x_sig -> x_0 of ``mix`` (weights w [b, K]) in rectified-flow variables, for
+    x [b, d] float64 at sig [b] in (0, 1]: Heun steps of dx/dsig = flow_velocity on the grid
+    sig_i = sig (1 - i/steps)^rho, ending exactly at sig = 0. Integrated in flow variables throughout, so
+    sig = 1 (a = 0, where the VP / VE form x / a is undefined) is an ordinary start. Returns [b, d] float64."""
+    return _heun_to_zero(x, sig, lambda y, lv: flow_velocity(y, lv, mix, w), steps, rho)
+
+
+def _heun_to_zero(y: torch.Tensor, level: torch.Tensor, velocity, steps: int, rho: float) -> torch.Tensor:
+    """Heun steps of dy/dlevel = velocity(y, level) from ``level`` [b] to 0 on the grid level (1 - i/steps)^rho."""
+    if steps < 1:
+        raise ConfigError(f"ode steps must be >= 1, got {steps}")
+    frac = (1.0 - torch.arange(steps + 1, dtype=F64) / steps) ** rho
+    for i in range(steps):
+        s0, s1 = level * frac[i], level * frac[i + 1]
+        h = (s1 - s0)[:, None]
+        v0 = velocity(y, s0)
+        y_e = y + h * v0
+        y = y + 0.5 * h * (v0 + velocity(y_e, s1))
+    return y
+
+
 def class_posterior(x: torch.Tensor, abar: torch.Tensor, mix: Mixture) -> torch.Tensor:
     """P(class | x_t = x) under the unconditional mixture, [b, n_classes] float64, for VP input x [b, d] at
     levels abar [b]: how much a noised sample still says about its class (1/n_classes = nothing left, so
@@ -182,18 +220,9 @@ def ode_map(x: torch.Tensor, abar: torch.Tensor, mix: Mixture, w: torch.Tensor, 
     at levels abar [b]: Heun steps on the grid sigma_i = sigma_t (1 - i/steps)^rho, ending exactly at sigma = 0
     (rho = 3: on the 8-mode ring, 100 steps are within 1.5e-3 of a 1000-step solution; rho = 7 doubles that).
     Returns [b, d] float64."""
-    if steps < 1:
-        raise ConfigError(f"ode steps must be >= 1, got {steps}")
     y = x / abar.sqrt()[:, None]
     sig_t = ((1.0 - abar) / abar).sqrt()
-    frac = (1.0 - torch.arange(steps + 1, dtype=F64) / steps) ** rho
-    for i in range(steps):
-        s0, s1 = sig_t * frac[i], sig_t * frac[i + 1]
-        h = (s1 - s0)[:, None]
-        v0 = _ode_velocity(y, s0, mix, w)
-        y_e = y + h * v0
-        y = y + 0.5 * h * (v0 + _ode_velocity(y_e, s1, mix, w))
-    return y
+    return _heun_to_zero(y, sig_t, lambda y, lv: _ode_velocity(y, lv, mix, w), steps, rho)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -277,6 +306,60 @@ class OdeMapStudent:
         w = self.mix.class_weights[decode_labels(cond, self.mix.n_classes)]
         x0 = ode_map(xf, abar_at(t, self.acp), self.mix, w, self.ode_steps)
         return x0.to(x.device, torch.float32).reshape(x.shape)
+
+
+def sigma_at(t: torch.Tensor, timestep_scale: float) -> torch.Tensor:
+    """The flow level sig [b] float64 of a model timestep input t = sig * timestep_scale (the flow family's
+    family option: 1000 as StableDiffusion3Pipeline passes it, 1 as FluxPipeline)."""
+    return (t.double().cpu() / timestep_scale).clamp(0.0, 1.0)
+
+
+def _check_timestep_scale(timestep_scale) -> float:
+    if not isinstance(timestep_scale, (int, float)) or not (math.isfinite(timestep_scale) and timestep_scale > 0):
+        raise ConfigError(f"timestep_scale must be a finite number > 0 (the flow family's option: 1000 for "
+                          f"SD3-style timesteps, 1 for FLUX-style), got {timestep_scale!r}")
+    return float(timestep_scale)
+
+
+class FlowMixtureTeacher:
+    """The exact flow-matching model of ``mix`` as a Denoiser predicting the velocity (prediction type
+    "flow"): v = E[e - x0 | x] at sig = t / timestep_scale, so the sampler's x0 = x - sig v is the exact
+    posterior mean. Null rows use the unconditional mixture; CFG is the sampler's job (linear in v, so the
+    same combine as in x0). Takes any sig in [0, 1], including sig = 1 and the "random" rule's real draws."""
+
+    def __init__(self, mix: Mixture, timestep_scale: float = 1000.0):
+        self.mix, self.timestep_scale = mix, _check_timestep_scale(timestep_scale)
+        self.spec = ModelSpec(in_channels=mix.dim, cross_attention_dim=mix.n_classes + 1, dtype=torch.float32,
+                              prediction_type="flow")
+
+    def __call__(self, x: torch.Tensor, t: torch.Tensor, cond: Cond) -> torch.Tensor:
+        xf = _flat(x, self.mix.dim)
+        w = self.mix.class_weights[decode_labels(cond, self.mix.n_classes)]
+        v = flow_velocity(xf, sigma_at(t, self.timestep_scale), self.mix, w)
+        return v.to(x.device, torch.float32).reshape(x.shape)
+
+
+class FlowOdeMapStudent:
+    """The probability-flow-ODE map of a (perturbed) mixture in rectified-flow variables as a Denoiser
+    predicting the velocity: the map x_sig -> x0 (flow_ode_map), returned as v = (x - x0) / sig so that the
+    flow family's x0 = x - sig v is the map itself (students are asked at sig > 0: the schedule's sigmas)."""
+
+    def __init__(self, mix: Mixture, timestep_scale: float = 1000.0, ode_steps: int = 100):
+        if not isinstance(ode_steps, int) or ode_steps < 1:
+            raise ConfigError(f"ode_steps must be an integer >= 1, got {ode_steps!r}")
+        self.mix, self.timestep_scale, self.ode_steps = mix, _check_timestep_scale(timestep_scale), ode_steps
+        self.spec = ModelSpec(in_channels=mix.dim, cross_attention_dim=mix.n_classes + 1, dtype=torch.float32,
+                              prediction_type="flow")
+
+    def __call__(self, x: torch.Tensor, t: torch.Tensor, cond: Cond) -> torch.Tensor:
+        xf = _flat(x, self.mix.dim)
+        sig = sigma_at(t, self.timestep_scale)
+        if bool((sig <= 0).any()):
+            raise InputError("the flow ODE-map student is asked at sig > 0 only (its velocity is (x - x0) / sig); "
+                             f"got timesteps {t.tolist()}")
+        w = self.mix.class_weights[decode_labels(cond, self.mix.n_classes)]
+        x0 = flow_ode_map(xf, sig, self.mix, w, self.ode_steps)
+        return ((xf - x0) / sig[:, None]).to(x.device, torch.float32).reshape(x.shape)
 
 
 class CFGDenoiser:
