@@ -31,10 +31,12 @@ def variants():
     """(name, kernel, {arg: type}, {constexpr: value}) for each kernel specialization to compile."""
     from distpp.kernels import guided_update, plain_update, student_update
 
-    for md, od in itertools.product(DTYPES, DTYPES):
+    # cfg: the teacher form (True: the CFG pair, 2B rows; False: an embedded-guidance teacher, B rows)
+    for md, od, cfg in itertools.product(DTYPES, DTYPES, (True, False)):
         sig = {"x_ptr": "*fp32", "m_ptr": DTYPES[md], "n_ptr": "*fp32", "c_ptr": "*fp32", "g_ptr": "*fp32",
                "out_ptr": DTYPES[od], "per_sample": "i32", "half_numel": "i32"}
-        yield f"student_update[m={md},out={od}]", student_update._kernel(), sig, {"BLOCK": 1024}
+        yield (f"student_update[m={md},out={od},cfg={cfg}]", student_update._kernel(), sig,
+               {"CFG_PAIR": cfg, "BLOCK": 1024})
     for md, has_z, has_xin in itertools.product(DTYPES, (True, False), (True, False)):
         sig = {"x_ptr": "*fp32", "m_ptr": DTYPES[md], "z_ptr": "*fp32", "c_ptr": "*fp32", "xo_ptr": "*fp32",
                "xin_ptr": DTYPES[md], "per_sample": "i32"}
@@ -43,8 +45,9 @@ def variants():
         sig = {"x_ptr": "*fp32", "m_ptr": DTYPES[md], "n_ptr": "*fp32", "mt_ptr": DTYPES[md], "z_ptr": "*fp32",
                "c_ptr": "*fp32", "g_ptr": "*fp32", "lam_ptr": "*fp32", "cfg_ptr": "*fp32", "xo_ptr": "*fp32",
                "xin_ptr": DTYPES[md], "per_sample": "i32", "half_numel": "i32"}
-        yield (f"guided_update[m={md},z={has_z},xin={has_xin}]", guided_update._kernel(), sig,
-               {"HAS_Z": has_z, "HAS_XIN": has_xin, "BLOCK": 1024})
+        for cfg in (True, False):
+            yield (f"guided_update[m={md},z={has_z},xin={has_xin},cfg={cfg}]", guided_update._kernel(), sig,
+                   {"HAS_Z": has_z, "HAS_XIN": has_xin, "CFG_PAIR": cfg, "BLOCK": 1024})
 
 
 def make_source(kernel, sig: dict, constexprs: dict):
@@ -57,6 +60,9 @@ def make_source(kernel, sig: dict, constexprs: dict):
     from triton.compiler import ASTSource
 
     names = kernel.arg_names
+    missing = [n for n in names if n not in sig and n not in constexprs]
+    if missing:  # an unset constexpr would compile silently as None: a variant the GPU never runs
+        raise ValueError(f"{kernel.__name__}: no type or constexpr value for {missing}")
     if "constexprs" in inspect.signature(ASTSource.__init__).parameters:
         full = {n: sig.get(n, "constexpr") for n in names}
         attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(names) if n in sig}
