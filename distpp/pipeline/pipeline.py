@@ -17,9 +17,10 @@ from ..denoiser import SDXL_TIME_IDS, Cond, UNetDenoiser, sdxl_time_ids
 from ..errors import BackendUnavailableError, ConfigError, InputError
 from ..runtime import CondSpec, Runtime, WarmupRecord
 from ..sampler import Sampler
-from .encode import PromptEncoder
+from ..transformer import SD3Denoiser
+from .encode import PromptEncoder, SD3PromptEncoder
 from .load import LoadReport, load
-from .resolve import check_pair_configs, resolve
+from .resolve import check_pair_configs, check_transformer_configs, resolve
 
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 
@@ -42,14 +43,15 @@ class Pipeline:
     """prompt -> image with a guided student, sampling through one :class:`~distpp.runtime.Runtime`.
 
     Build with :meth:`from_pretrained`, or directly from loaded parts (student/teacher UNets, a VAE,
-    PromptEncoders: ``teacher_text`` None means the student's encoders serve the teacher too). The
+    PromptEncoders: ``teacher_text`` None means the student's encoders serve the teacher too), or from
+    SD3 transformers (SD3Transformer2DModel) with SD3PromptEncoders and family "flow". The
     runtime options (backend, graphs, batch_sizes, max_graphs, on_miss, backend_options, cache) are
     the Runtime's; ``sizes`` ((height, width) pixels, default the student's native size) are what it
     builds backends for and warms up.
     """
 
-    def __init__(self, student_unet, teacher_unet, vae, student_text: PromptEncoder,
-                 teacher_text: PromptEncoder | None = None, *, config: SamplerConfig | None = None,
+    def __init__(self, student_unet, teacher_unet, vae, student_text: PromptEncoder | SD3PromptEncoder,
+                 teacher_text: PromptEncoder | SD3PromptEncoder | None = None, *, config: SamplerConfig | None = None,
                  device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32, w_embed: float = 7.5,
                  force_zeros_for_empty_prompt: bool = False, report: LoadReport | None = None,
                  backend: str = "auto", graphs: bool | str = "auto", batch_sizes: Sequence[int] = (1,),
@@ -57,16 +59,14 @@ class Pipeline:
                  sizes: Sequence[tuple[int, int]] | None = None):
         self.config = config or SamplerConfig()
         self.device, self.dtype = torch.device(device), dtype
-        check_pair_configs(dict(student_unet.config), dict(teacher_unet.config),
-                           (student_text.width, student_text.pooled_width),
-                           ((teacher_text or student_text).width, (teacher_text or student_text).pooled_width))
-        self.student = UNetDenoiser(student_unet, w_embed=w_embed)
-        self.teacher = UNetDenoiser(teacher_unet)
+        self.student, self.teacher = _denoisers(student_unet, teacher_unet, student_text, teacher_text, w_embed)
         self.vae = vae
         self.student_text, self.teacher_text = student_text, teacher_text
         self.force_zeros_for_empty_prompt = bool(force_zeros_for_empty_prompt)
         self.latent_channels = int(student_unet.config.in_channels)
         self.vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1)
+        # pixels an image side must be a multiple of: the VAE factor x the transformer's patch (1 for UNets)
+        self.size_multiple = self.vae_scale_factor * int(getattr(student_unet.config, "patch_size", 1))
         self.default_size = int(student_unet.config.sample_size) * self.vae_scale_factor
         self.report = report
         sizes = [self.image_size(h, w) for h, w in sizes or [(None, None)]]
@@ -156,7 +156,7 @@ class Pipeline:
         # SDXL micro-conditioning: original size, crop top-left, target size, in pixels.
         time_ids = sdxl_time_ids(height, width, len(prompts), self.device)
 
-        def conds(enc: PromptEncoder, texts, zero_empty: bool) -> Cond:
+        def conds(enc, texts, zero_empty: bool) -> Cond:
             states, pooled = enc.encode(texts)
             if zero_empty:
                 keep = torch.tensor([t != "" for t in texts], device=states.device, dtype=states.dtype)
@@ -164,7 +164,7 @@ class Pipeline:
                 pooled = None if pooled is None else pooled * keep[:, None]
             if pooled is None:
                 return Cond(states.to(self.device))
-            return Cond(states.to(self.device), pooled.to(self.device), time_ids)
+            return Cond(states.to(self.device), pooled.to(self.device), time_ids if enc.time_ids else None)
 
         zero = self.force_zeros_for_empty_prompt
         out = {"cond": conds(self.student_text, prompts, False), "uncond": None,
@@ -250,12 +250,14 @@ class Pipeline:
 
     def image_size(self, height: int | None = None, width: int | None = None) -> tuple[int, int]:
         """(height, width) in pixels of a call (default: the student's native size), checked."""
-        f = self.vae_scale_factor
+        f = self.size_multiple
         h = self.default_size if height is None else int(height)
         w = self.default_size if width is None else int(width)
         if h < f or w < f or h % f or w % f:
-            raise InputError(f"height and width must be positive multiples of the VAE scale factor {f}; "
-                             f"got {h}x{w}")
+            raise InputError(f"height and width must be positive multiples of {f} (the VAE scale factor "
+                             f"{self.vae_scale_factor} x the transformer's patch size); got {h}x{w}"
+                             if f != self.vae_scale_factor else
+                             f"height and width must be positive multiples of the VAE scale factor {f}; got {h}x{w}")
         return h, w
 
 
@@ -267,10 +269,35 @@ def _overrides(guided_steps: int | None) -> dict | None:
     return None if guided_steps is None else {"guided_steps": guided_steps}
 
 
-def _cond_spec(text: PromptEncoder) -> CondSpec:
-    """One row of the conditioning ``text`` gives: [tokens, width] states (+ pooled, time_ids for SDXL)."""
-    pooled = text.pooled_width
-    return CondSpec(text.tokens, text.width, pooled, SDXL_TIME_IDS if pooled is not None else None)
+def _cond_spec(text) -> CondSpec:
+    """One row of the conditioning ``text`` gives: [tokens, width] states (+ pooled; time_ids for SDXL)."""
+    return CondSpec(text.tokens, text.width, text.pooled_width, SDXL_TIME_IDS if text.time_ids else None)
+
+
+def _denoisers(student, teacher, student_text, teacher_text, w_embed: float):
+    """(student, teacher) Denoisers of the models, after checking they fit each other and their encoders:
+    UNetDenoisers (LCM students get ``w_embed``) or SD3Denoisers for SD3 transformers."""
+    from diffusers import SD3Transformer2DModel
+
+    t_text = teacher_text or student_text
+    sd3 = [isinstance(m, SD3Transformer2DModel) for m in (student, teacher)]
+    if any(sd3):
+        if not all(sd3) or not all(isinstance(t, SD3PromptEncoder) for t in (student_text, t_text)):
+            raise ConfigError("an SD3 Pipeline takes two SD3Transformer2DModels and SD3PromptEncoders (CLIP-L, CLIP-G, "
+                              f"T5); got {type(student).__name__} / {type(teacher).__name__} with "
+                              f"{type(student_text).__name__} / {type(t_text).__name__}")
+        check_transformer_configs(dict(student.config), dict(teacher.config), _sd3_dims(student_text),
+                                  _sd3_dims(t_text))
+        return SD3Denoiser(student), SD3Denoiser(teacher)
+    if not all(isinstance(t, PromptEncoder) for t in (student_text, t_text)):
+        raise ConfigError("UNet Pipelines take PromptEncoders (CLIP); SD3PromptEncoders are for SD3 transformers")
+    check_pair_configs(dict(student.config), dict(teacher.config), (student_text.width, student_text.pooled_width),
+                       (t_text.width, t_text.pooled_width))
+    return UNetDenoiser(student, w_embed=w_embed), UNetDenoiser(teacher)
+
+
+def _sd3_dims(text: SD3PromptEncoder) -> tuple[int, int, int]:
+    return text.width, text.pooled_width, sum(int(e.config.hidden_size) for e in text.encoders[:2])
 
 
 def _prompt_lists(prompt, negative_prompt) -> tuple[list[str], list[str]]:

@@ -52,6 +52,9 @@ class LoadPlan:
     vae:               None, a VAE folder / Hub id, or a loaded AutoencoderKL.
     vae_scale_factor:  pixels per latent (2 ** (len(block_out_channels) - 1)).
     sizes:             the (height, width) pixel sizes the Runtime builds backends for and warms up.
+    arch:              "unet" (SD1.5 / SDXL UNets) or "sd3" (SD3Transformer2DModel pipelines; the *_unet_config
+                       fields then hold the transformers' configs).
+    max_sequence_length: T5 tokens of an SD3 prompt (diffusers' default 256).
     """
 
     student: str
@@ -80,6 +83,8 @@ class LoadPlan:
     sizes: tuple[tuple[int, int], ...]
     student_unet_config: dict = field(compare=False, repr=False)
     teacher_unet_config: dict = field(compare=False, repr=False)
+    arch: str = "unet"
+    max_sequence_length: int = 256
 
 
 def resolve(student: str, teacher: str, family: str, *, student_kind: str = "auto",
@@ -88,7 +93,8 @@ def resolve(student: str, teacher: str, family: str, *, student_kind: str = "aut
             dtype: torch.dtype | None = None, w_embed: float = 7.5, local_files_only: bool | None = None,
             prediction_type: str | None = None, teacher_prediction_type: str | None = None,
             allow_family_mismatch: bool = False, backend: str = "auto", graphs: Any = "auto",
-            batch_sizes=(1,), max_graphs: int = 8, sizes=None, **sampler_kwargs) -> LoadPlan:
+            batch_sizes=(1,), max_graphs: int = 8, sizes=None, max_sequence_length: int = 256,
+            **sampler_kwargs) -> LoadPlan:
     """The LoadPlan of ``Pipeline.from_pretrained``'s arguments (see there); raises before any weights load."""
     # Settings first: nothing is read for a config that cannot run.
     if student_kind not in STUDENT_KINDS:
@@ -108,6 +114,15 @@ def resolve(student: str, teacher: str, family: str, *, student_kind: str = "aut
     check_exists(student)
 
     index = read_json(teacher, "model_index.json", None, is_offline, "teacher (a diffusers pipeline folder)")
+    if _has(index, "transformer"):
+        return _resolve_transformer(student, teacher, index, config, student_kind=student_kind, vae=vae,
+                                    allow_family_mismatch=allow_family_mismatch, is_offline=is_offline,
+                                    max_sequence_length=max_sequence_length,
+                                    common=dict(device=device, dtype=dtype, upcast_vae=upcast_vae,
+                                                lora_scale=float(lora_scale), w_embed=float(w_embed),
+                                                backend=backend, graphs=graphs, batch_sizes=batch_sizes,
+                                                max_graphs=max_graphs),
+                                    sizes=sizes, prediction_types=(prediction_type, teacher_prediction_type))
     t_unet_cfg = read_json(teacher, "config.json", "unet", is_offline, "teacher UNet")
     kind = student_kind if student_kind != "auto" else _detect_kind(student, student_weights, student_subfolder,
                                                                     is_offline)
@@ -162,15 +177,8 @@ def resolve(student: str, teacher: str, family: str, *, student_kind: str = "aut
         s_text_dims = _text_dims([read_json(student, "config.json", n, is_offline, f"student {n}") for n in s_names])
     check_pair_configs(s_unet_cfg, t_unet_cfg, s_text_dims, t_text_dims)
     student_vae = kind == "pipeline" and _has(s_index, "vae")
-    vae_cfgs = [("the VAE", _vae_config(vae, is_offline))] if vae is not None else \
-        [("the teacher's VAE", read_json(teacher, "config.json", "vae", is_offline, "teacher VAE"))]
-    if vae is None and student_vae:
-        vae_cfgs.append(("the student's VAE", read_json(student, "config.json", "vae", is_offline, "student VAE")))
-    factors = {_check_vae(who, c, int(s_unet_cfg["in_channels"])) for who, c in vae_cfgs}
-    if len(factors) != 1:
-        raise ConfigError(f"the student's and the teacher's VAEs downsample by different factors {sorted(factors)}; "
-                          "pass vae=... to decode with one VAE")
-    factor = factors.pop()
+    vae_cfgs = _vae_configs(vae, teacher, student, student_vae, is_offline)
+    factor = _vae_factor(vae_cfgs, int(s_unet_cfg["in_channels"]))
     sizes = _sizes(sizes, int(s_unet_cfg["sample_size"]) * factor, factor)
     return LoadPlan(student=student, teacher=teacher, kind=kind, student_subfolder=student_subfolder,
                     student_file=student_file, config=config, device=device, dtype=dtype, offline=is_offline,
@@ -280,10 +288,7 @@ def check_pair_configs(student_unet: dict, teacher_unet: dict, student_text: tup
 
     *_unet: UNet config dicts; *_text: (states width, pooled width or None) of the encoders each uses.
     """
-    cs, ct = int(student_unet["in_channels"]), int(teacher_unet["in_channels"])
-    if cs != ct:
-        raise ConfigError(f"the student takes {cs} latent channels but the teacher {ct}: they must share a "
-                          "latent space (pick a student distilled from this teacher)")
+    _check_latent_channels(student_unet, teacher_unet)
     for who, cfg, (width, pooled) in (("student", student_unet, student_text), ("teacher", teacher_unet, teacher_text)):
         cad, upooled = int(cfg["cross_attention_dim"]), text_time_dims(cfg)[0]
         if cad != width:
@@ -292,6 +297,31 @@ def check_pair_configs(student_unet: dict, teacher_unet: dict, student_text: tup
         if upooled != pooled:
             raise ConfigError(f"the {who} UNet expects pooled text_embeds of width {upooled} but its text "
                               f"encoders give {pooled}: SD1.5-style and SDXL-style models cannot be mixed")
+
+
+def _vae_configs(vae, teacher: str, student: str, student_vae: bool, is_offline: bool) -> list[tuple[str, dict]]:
+    """(who, config) of every VAE that may decode: the given one, else the teacher's (+ the student's)."""
+    if vae is not None:
+        return [("the VAE", _vae_config(vae, is_offline))]
+    cfgs = [("the teacher's VAE", read_json(teacher, "config.json", "vae", is_offline, "teacher VAE"))]
+    if student_vae:
+        cfgs.append(("the student's VAE", read_json(student, "config.json", "vae", is_offline, "student VAE")))
+    return cfgs
+
+
+def _vae_factor(vae_cfgs: list[tuple[str, dict]], channels: int) -> int:
+    factors = {_check_vae(who, c, channels) for who, c in vae_cfgs}
+    if len(factors) != 1:
+        raise ConfigError(f"the student's and the teacher's VAEs downsample by different factors {sorted(factors)}; "
+                          "pass vae=... to decode with one VAE")
+    return factors.pop()
+
+
+def _check_latent_channels(student: dict, teacher: dict) -> None:
+    cs, ct = int(student["in_channels"]), int(teacher["in_channels"])
+    if cs != ct:
+        raise ConfigError(f"the student takes {cs} latent channels but the teacher {ct}: they must share a "
+                          "latent space (pick a student distilled from this teacher)")
 
 
 def _check_vae(who: str, cfg: dict, channels: int) -> int:
@@ -409,3 +439,116 @@ def check_lora_file(path: str, teacher_config: dict, name: str) -> None:
         if not ok:
             raise ConfigError(f"{name!r} does not fit the teacher's UNet: {key!r} has shape {shape} for a layer of "
                               f"shape {target}; pass a LoRA trained on this teacher (SD1.5 and SDXL LoRAs differ)")
+
+
+# ------------------------------------------------------------------------------------------------------
+# Transformer (flow-matching) pipelines: SD3 / SD3.5 teachers and their full-pipeline students.
+# ------------------------------------------------------------------------------------------------------
+SD3_ENCODERS = ("text_encoder", "text_encoder_2", "text_encoder_3")
+# family_options StableDiffusion3Pipeline's loop corresponds to: the model's timestep is sigma * 1000,
+# sigmas spaced by the scheduler itself (set_timesteps(steps)).
+SD3_FAMILY_OPTIONS = {"timestep_scale": 1000.0, "sigmas": "scheduler"}
+
+
+def _resolve_transformer(student: str, teacher: str, index: dict, config: SamplerConfig, *, student_kind: str,
+                         vae: Any, allow_family_mismatch: bool, is_offline: bool, max_sequence_length: int,
+                         common: dict, sizes, prediction_types) -> LoadPlan:
+    """The LoadPlan of a transformer teacher pipeline (model_index.json lists ``transformer``)."""
+    t_cfg = read_json(teacher, "config.json", "transformer", is_offline, "teacher transformer")
+    arch = _transformer_arch(t_cfg, teacher)
+    if config.family != "flow":
+        raise ConfigError(f"the teacher {teacher!r} is a flow-matching transformer pipeline; pass family='flow' "
+                          f"(got family={config.family!r})")
+    if student_kind not in ("auto", "pipeline"):
+        raise ConfigError(f"student_kind={student_kind!r} is not supported for transformer pipelines; pass a full "
+                          "student pipeline folder (student_kind='pipeline', e.g. SD3.5-Large-Turbo)")
+    if any(p not in (None, "flow") for p in prediction_types):
+        raise ConfigError(f"flow-matching transformers predict velocities: prediction_type and "
+                          f"teacher_prediction_type must be 'flow' or None, got {prediction_types}")
+    if isinstance(max_sequence_length, bool) or not isinstance(max_sequence_length, int) or max_sequence_length < 1:
+        raise ConfigError(f"max_sequence_length must be a positive int (T5 tokens), got {max_sequence_length!r}")
+    s_index = read_json(student, "model_index.json", None, is_offline, "student pipeline (a diffusers pipeline "
+                        "folder with a transformer)")
+    if not _has(s_index, "transformer"):
+        raise ConfigError(f"the student {student!r} has no transformer in its model_index.json; a transformer teacher "
+                          "needs a transformer student pipeline of the same family (e.g. SD3.5-Large-Turbo)")
+    s_cfg = read_json(student, "config.json", "transformer", is_offline, "student transformer")
+    if _transformer_arch(s_cfg, student) != arch:
+        raise ConfigError(f"the student's transformer is a {s_cfg.get('_class_name')} but the teacher's a "
+                          f"{t_cfg.get('_class_name')}: pass a student distilled from this teacher")
+
+    s_sched = read_json_or_empty(student, "scheduler_config.json", "scheduler", is_offline)
+    if s_sched:
+        check_family_fits(config.family, s_sched.get("_class_name"), student, allow_family_mismatch)
+    if config.scheduler_config is None and s_sched:
+        config = replace(config, scheduler_config=_flow_scheduler_keys(s_sched))
+    config = replace(config, prediction_type="flow", teacher_prediction_type="flow",
+                     family_options={**SD3_FAMILY_OPTIONS, **(config.family_options or {})})
+    check_schedule(config)
+
+    t_text = _sd3_text_dims(teacher, index, is_offline, "teacher")
+    s_names: tuple[str, ...] = ()
+    s_text = t_text
+    if any(_has(s_index, n) for n in SD3_ENCODERS):
+        s_names, s_text = SD3_ENCODERS, _sd3_text_dims(student, s_index, is_offline, "student")
+    check_transformer_configs(s_cfg, t_cfg, s_text, t_text)
+    student_vae = _has(s_index, "vae")
+    factor = _vae_factor(_vae_configs(vae, teacher, student, student_vae, is_offline), int(s_cfg["in_channels"]))
+    sizes = _sizes(sizes, int(s_cfg["sample_size"]) * factor, factor * int(s_cfg["patch_size"]))
+    return LoadPlan(student=student, teacher=teacher, kind="pipeline", student_subfolder=None, student_file=None,
+                    config=config, offline=is_offline, sdxl=False, teacher_encoders=SD3_ENCODERS,
+                    student_encoders=s_names, student_vae=student_vae, vae=vae, vae_scale_factor=factor,
+                    force_zeros_for_empty_prompt=False, sizes=sizes, student_unet_config=s_cfg,
+                    teacher_unet_config=t_cfg, arch=arch, max_sequence_length=max_sequence_length, **common)
+
+
+def _transformer_arch(cfg: dict, ref: str) -> str:
+    name = cfg.get("_class_name")
+    if name == "SD3Transformer2DModel":
+        return "sd3"
+    if name == "FluxTransformer2DModel":
+        raise ConfigError(f"{ref!r} is a FLUX pipeline, which Pipeline does not load yet; sample FLUX through a "
+                          "Runtime with distpp.transformer.FluxDenoiser and family 'flow'")
+    raise ConfigError(f"{ref!r} has a transformer of class {name!r}; Pipeline loads SD3Transformer2DModel pipelines "
+                      "(SD3 / SD3.5) and UNet pipelines (SD1.5 / SDXL)")
+
+
+def _flow_scheduler_keys(sched: dict) -> dict:
+    """The student scheduler config's FlowMatchEulerDiscreteScheduler settings (shift, dynamic shifting, ...):
+    the student was distilled for this schedule."""
+    import inspect
+
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    keys = set(inspect.signature(FlowMatchEulerDiscreteScheduler.__init__).parameters) - {"self"}
+    return {k: v for k, v in sched.items() if k in keys}
+
+
+def _sd3_text_dims(ref: str, index: dict, is_offline: bool, who: str) -> tuple[int, int, int]:
+    """(T5 width, pooled width P_l + P_g, CLIP states width D_l + D_g) of an SD3 pipeline's encoders."""
+    missing = [n for n in SD3_ENCODERS if not _has(index, n)]
+    if missing:
+        raise ConfigError(f"the {who} pipeline {ref!r} lacks {', '.join(missing)}; Pipeline runs SD3 with all three "
+                          "text encoders (CLIP-L, CLIP-G, T5): pass a pipeline that ships them")
+    clip = [read_json(ref, "config.json", n, is_offline, f"{who} {n}") for n in SD3_ENCODERS[:2]]
+    t5 = read_json(ref, "config.json", SD3_ENCODERS[2], is_offline, f"{who} {SD3_ENCODERS[2]}")
+    return (int(t5["d_model"]), sum(int(c["projection_dim"]) for c in clip), sum(int(c["hidden_size"]) for c in clip))
+
+
+def check_transformer_configs(student: dict, teacher: dict, student_text: tuple[int, int, int],
+                              teacher_text: tuple[int, int, int]) -> None:
+    """Raise ConfigError unless the SD3 transformer configs fit each other and their text encoders.
+
+    *_text: (T5 width, pooled width, CLIP states width) of the encoders each transformer uses."""
+    _check_latent_channels(student, teacher)
+    for who, cfg, (width, pooled, clip) in (("student", student, student_text), ("teacher", teacher, teacher_text)):
+        jad, pp = int(cfg["joint_attention_dim"]), int(cfg["pooled_projection_dim"])
+        if jad != width:
+            raise ConfigError(f"the {who} transformer's joint_attention_dim is {jad} but its T5 encoder gives width "
+                              f"{width}: pass a {who} whose conditioning matches its encoders")
+        if pp != pooled:
+            raise ConfigError(f"the {who} transformer's pooled_projection_dim is {pp} but its CLIP projections give "
+                              f"{pooled}: pass a {who} whose conditioning matches its encoders")
+        if clip > width:
+            raise ConfigError(f"the {who}'s CLIP states are {clip} wide, more than the T5 width {width} they are "
+                              "zero-padded to: pass encoders of one SD3 pipeline")
