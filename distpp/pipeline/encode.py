@@ -1,5 +1,6 @@
-"""Prompt encoding with a per-prompt LRU cache: SD1.5-style and SDXL-style CLIP encoders (PromptEncoder)
-and SD3-style CLIP-L + CLIP-G + T5 encoders (SD3PromptEncoder)."""
+"""Prompt encoding with a per-prompt LRU cache, one encoder kind per model family: SD1.5-style and
+SDXL-style CLIP encoders (PromptEncoder), SD3-style CLIP-L + CLIP-G + T5 (SD3PromptEncoder) and FLUX-style
+CLIP-L + T5 (FluxPromptEncoder)."""
 
 from __future__ import annotations
 
@@ -112,9 +113,7 @@ class SD3PromptEncoder(_CachedEncoder):
         super().__init__(cache_size)
         self.tokenizers, self.encoders = tuple(tokenizers), tuple(encoders)
         _same_lengths("SD3 CLIP", self.tokenizers[:2])
-        if int(max_sequence_length) < 1:
-            raise ConfigError(f"max_sequence_length must be a positive int (T5 tokens), got {max_sequence_length!r}")
-        self.max_sequence_length = int(max_sequence_length)
+        self.max_sequence_length = check_max_sequence_length(max_sequence_length)
         clip = sum(int(e.config.hidden_size) for e in self.encoders[:2])
         if clip > self.width:
             raise ConfigError(f"the SD3 CLIP states are {clip} wide but T5's d_model is only {self.width}: they are "
@@ -140,11 +139,52 @@ class SD3PromptEncoder(_CachedEncoder):
             pooled.append(out.text_embeds.float())
         clip = torch.cat(states, dim=-1)
         clip = torch.nn.functional.pad(clip, (0, self.width - clip.shape[-1]))
-        tok, enc = self.tokenizers[2], self.encoders[2]
-        ids = tok(prompts, padding="max_length", max_length=self.max_sequence_length, truncation=True,
-                  add_special_tokens=True, return_tensors="pt").input_ids.to(enc.device)
-        t5 = enc(ids)[0].float()
+        t5 = _t5_states(self.tokenizers[2], self.encoders[2], prompts, self.max_sequence_length)
         return torch.cat([clip, t5], dim=-2), torch.cat(pooled, dim=-1)
+
+
+class FluxPromptEncoder(_CachedEncoder):
+    """FLUX.1 conditioning from CLIP-L (CLIPTextModel) and T5, as FluxPipeline.encode_prompt builds it:
+    states [B, max_sequence_length, D_t5] = T5's last hidden state (diffusers' default 512 tokens);
+    pooled [B, D_clip] = CLIP-L's pooler output (the final-layer-normed EOS token, no projection)."""
+
+    def __init__(self, tokenizers: Sequence[Any], encoders: Sequence[Any], *, max_sequence_length: int = 512,
+                 cache_size: int = 256):
+        if len(tokenizers) != 2 or len(encoders) != 2:
+            raise ConfigError("a FLUX prompt encoder takes two tokenizer/encoder pairs (CLIP-L, T5)")
+        super().__init__(cache_size)
+        self.tokenizers, self.encoders = tuple(tokenizers), tuple(encoders)
+        self.max_sequence_length = check_max_sequence_length(max_sequence_length)
+
+    @property
+    def tokens(self) -> int:
+        return self.max_sequence_length
+
+    @property
+    def width(self) -> int:
+        return int(self.encoders[1].config.d_model)
+
+    @property
+    def pooled_width(self) -> int:
+        return int(self.encoders[0].config.hidden_size)
+
+    def _run(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        tok, enc = self.tokenizers[0], self.encoders[0]
+        pooled = enc(_clip_ids(tok, prompts, enc.device), output_hidden_states=False).pooler_output.float()
+        return _t5_states(self.tokenizers[1], self.encoders[1], prompts, self.max_sequence_length), pooled
+
+
+def _t5_states(tok, enc, prompts: list[str], length: int) -> torch.Tensor:
+    """T5's last hidden state [B, length, d_model] of prompts padded / truncated to ``length`` tokens."""
+    ids = tok(prompts, padding="max_length", max_length=length, truncation=True, add_special_tokens=True,
+              return_tensors="pt").input_ids.to(enc.device)
+    return enc(ids)[0].float()
+
+
+def check_max_sequence_length(n) -> int:
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ConfigError(f"max_sequence_length must be a positive int (T5 tokens), got {n!r}")
+    return n
 
 
 def _same_lengths(who: str, tokenizers) -> None:

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from ..errors import ConfigError
-from .encode import PromptEncoder, SD3PromptEncoder, same_tokenizers
+from .encode import FluxPromptEncoder, PromptEncoder, SD3PromptEncoder, same_tokenizers
 from .fetch import from_pretrained, load_state_dict, load_unet
 from .resolve import LoadPlan
 
@@ -41,11 +41,11 @@ class LoadReport:
 class Loaded:
     """The loaded parts of a pipeline; ``teacher_text`` None means the student's encoders serve both."""
 
-    student_unet: Any  # a UNet, or an SD3 transformer (plan.arch "sd3")
+    student_unet: Any  # a UNet, or an SD3 / FLUX transformer (plan.arch "sd3" / "flux")
     teacher_unet: Any
     vae: Any
-    student_text: PromptEncoder | SD3PromptEncoder
-    teacher_text: PromptEncoder | SD3PromptEncoder | None
+    student_text: PromptEncoder | SD3PromptEncoder | FluxPromptEncoder
+    teacher_text: PromptEncoder | SD3PromptEncoder | FluxPromptEncoder | None
     report: LoadReport
 
 
@@ -53,8 +53,8 @@ def load(plan: LoadPlan) -> Loaded:
     """Load every part of ``plan`` onto its device (UNets / transformers and encoders in ``plan.dtype``; the
     VAE in float32 when upcast)."""
     lfo = dict(local_files_only=plan.offline)
-    if plan.arch == "sd3":
-        return _load_sd3(plan, lfo)
+    if plan.arch != "unet":
+        return _load_transformers(plan, lfo)
     t_unet = load_unet(plan.teacher, subfolder="unet", dtype=plan.dtype, **lfo)
     lora_mode, lora_meta = None, False
     if plan.kind == "pipeline":
@@ -70,17 +70,19 @@ def load(plan: LoadPlan) -> Loaded:
     return _finish(plan, lfo, s_unet, t_unet, *texts, lora_mode, lora_meta)
 
 
-def _load_sd3(plan: LoadPlan, lfo: dict) -> Loaded:
-    """An SD3 teacher pipeline and its full student pipeline; the student's encoders are dropped for the
-    teacher's when they are the same (tokenizers and weights)."""
-    from diffusers import SD3Transformer2DModel
+def _load_transformers(plan: LoadPlan, lfo: dict) -> Loaded:
+    """An SD3 or FLUX teacher pipeline and its full student pipeline; the student's encoders are dropped for
+    the teacher's when they are the same (tokenizers and weights)."""
+    import diffusers
+
+    cls = diffusers.SD3Transformer2DModel if plan.arch == "sd3" else diffusers.FluxTransformer2DModel
 
     def transformer(ref: str, who: str):
-        return from_pretrained(SD3Transformer2DModel.from_pretrained, ref, f"{who} transformer",
-                               subfolder="transformer", torch_dtype=plan.dtype, **lfo).eval().requires_grad_(False)
+        return from_pretrained(cls.from_pretrained, ref, f"{who} transformer", subfolder="transformer",
+                               torch_dtype=plan.dtype, **lfo).eval().requires_grad_(False)
 
     t_model, s_model = transformer(plan.teacher, "teacher"), transformer(plan.student, "student")
-    texts = _texts(plan, lambda ref, names: load_sd3_text(ref, plan.dtype, plan.max_sequence_length, lfo))
+    texts = _texts(plan, lambda ref, names: load_t5_text(plan.arch, ref, plan.dtype, plan.max_sequence_length, lfo))
     return _finish(plan, lfo, s_model, t_model, *texts, None, False)
 
 
@@ -185,17 +187,22 @@ def load_text(ref: str, names: tuple[str, ...], dtype: torch.dtype, lfo: dict) -
     return PromptEncoder(toks, encs)
 
 
-def load_sd3_text(ref: str, dtype: torch.dtype, max_sequence_length: int, lfo: dict) -> SD3PromptEncoder:
-    """CLIP-L, CLIP-G (CLIPTextModelWithProjection) and T5 (T5EncoderModel) with their tokenizers."""
-    from transformers import AutoTokenizer, CLIPTextModelWithProjection, CLIPTokenizer, T5EncoderModel
+def load_t5_text(arch: str, ref: str, dtype: torch.dtype, max_sequence_length: int, lfo: dict):
+    """The text encoders of a transformer pipeline with their tokenizers: SD3 CLIP-L, CLIP-G (both
+    CLIPTextModelWithProjection) and T5; FLUX CLIP-L (CLIPTextModel) and T5 (T5EncoderModel)."""
+    from transformers import AutoTokenizer, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer, T5EncoderModel
 
-    toks = [from_pretrained(CLIPTokenizer.from_pretrained, ref, "tokenizer", subfolder=sub, **lfo)
-            for sub in ("tokenizer", "tokenizer_2")]
-    toks.append(from_pretrained(AutoTokenizer.from_pretrained, ref, "T5 tokenizer", subfolder="tokenizer_3", **lfo))
-    encs = [from_pretrained(cls.from_pretrained, ref, name, subfolder=name, **lfo).to(dtype).eval().requires_grad_(False)
-            for cls, name in ((CLIPTextModelWithProjection, "text_encoder"),
-                              (CLIPTextModelWithProjection, "text_encoder_2"), (T5EncoderModel, "text_encoder_3"))]
-    return SD3PromptEncoder(toks, encs, max_sequence_length=max_sequence_length)
+    clips = (CLIPTextModelWithProjection,) * 2 if arch == "sd3" else (CLIPTextModel,)
+    names = [("tokenizer", "text_encoder"), ("tokenizer_2", "text_encoder_2"), ("tokenizer_3", "text_encoder_3")]
+    toks, encs = [], []
+    for i, cls in enumerate((*clips, T5EncoderModel)):
+        tok_sub, name = names[i]
+        tok_cls = CLIPTokenizer if cls is not T5EncoderModel else AutoTokenizer
+        toks.append(from_pretrained(tok_cls.from_pretrained, ref, tok_sub, subfolder=tok_sub, **lfo))
+        encs.append(from_pretrained(cls.from_pretrained, ref, name, subfolder=name, **lfo).to(dtype).eval()
+                    .requires_grad_(False))
+    encoder = SD3PromptEncoder if arch == "sd3" else FluxPromptEncoder
+    return encoder(toks, encs, max_sequence_length=max_sequence_length)
 
 
 def load_vae(plan: LoadPlan, lfo: dict):

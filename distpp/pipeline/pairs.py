@@ -7,6 +7,7 @@ from dataclasses import dataclass
 SDXL_BASE = "stabilityai/stable-diffusion-xl-base-1.0"
 SD15_BASE = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 SD35_LARGE = "stabilityai/stable-diffusion-3.5-large"
+FLUX_DEV = "black-forest-labs/FLUX.1-dev"
 
 
 @dataclass(frozen=True)
@@ -15,7 +16,8 @@ class KnownPair:
 
     None of these was run in distpp's CPU tests (no weights can be downloaded there); ids as published.
     The flow pairs' lam and cfg are not published for Distillation++ with these students: chosen (lam 0.05 as
-    for Turbo, the teacher's usual CFG 3.5), not measured; sweep them with seed-paired runs.
+    for Turbo; cfg 3.5, SD3.5's usual CFG and FLUX.1-dev's default embedded guidance), not measured; sweep
+    them with seed-paired runs.
     student_weights: the UNet state-dict file inside ``student`` (SDXL-Lightning, DMD2), else None.
     """
 
@@ -39,4 +41,6 @@ KNOWN_PAIRS: dict[str, KnownPair] = {
     "sd15-lcm-lora": KnownPair("latent-consistency/lcm-lora-sdv1-5", SD15_BASE, "lcm", 0.01),
     "sd15-lcm-dreamshaper": KnownPair("SimianLuo/LCM_Dreamshaper_v7", "Lykon/dreamshaper-7", "lcm", 0.01),
     "sd35-turbo": KnownPair("stabilityai/stable-diffusion-3.5-large-turbo", SD35_LARGE, "flow", 0.05, cfg=3.5),
+    # FLUX.1-dev embeds its guidance scale (one teacher forward, no uncond); cfg is that input.
+    "flux-schnell": KnownPair("black-forest-labs/FLUX.1-schnell", FLUX_DEV, "flow", 0.05, cfg=3.5),
 }
