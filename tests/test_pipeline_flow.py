@@ -101,6 +101,7 @@ def no_transformer_weights(monkeypatch):
     (dict(family="flow", student_kind="unet"), "not supported for transformer pipelines"),
     (dict(family="flow", prediction_type="epsilon"), "must be 'flow'"),
     (dict(family="flow", max_sequence_length=0), "max_sequence_length"),
+    (dict(family="flow", student_weights="unet.safetensors"), "for UNet students"),
     (dict(family="flow", family_options={"use_dynamic_shifting": True}), "needs exactly one of"),
 ])
 def test_bad_settings_are_refused_before_any_weights_load(no_transformer_weights, repos, kwargs, match):

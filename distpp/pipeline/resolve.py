@@ -116,6 +116,9 @@ def resolve(student: str, teacher: str, family: str, *, student_kind: str = "aut
 
     index = read_json(teacher, "model_index.json", None, is_offline, "teacher (a diffusers pipeline folder)")
     if _has(index, "transformer"):
+        if student_weights or student_subfolder:
+            raise ConfigError("student_weights / student_subfolder are for UNet students; a transformer teacher "
+                              "takes a full student pipeline folder: drop them")
         return _resolve_transformer(student, teacher, index, config, student_kind=student_kind, vae=vae,
                                     allow_family_mismatch=allow_family_mismatch, is_offline=is_offline,
                                     max_sequence_length=max_sequence_length,
