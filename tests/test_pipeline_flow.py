@@ -162,10 +162,10 @@ def test_flux_states_equal_diffusers_encode_prompt(flux_pipe, flux_repos):
 
 # flux_dynamic: a dynamically shifted student schedule; FluxPipeline computes mu from the packed tokens,
 # (32 / 2 / 2) ** 2 = 64 at 32x32 pixels, which distpp takes as family_options image_seq_len.
-@pytest.mark.parametrize("student, options", [("flux_schnell", None),
+@pytest.mark.parametrize("student, options", [("flux_schnell", None), ("flux_own_text", {}),
                                               ("flux_dynamic", {"use_dynamic_shifting": True, "image_seq_len": 64})])
 def test_flux_unguided_images_equal_flux_pipeline(flux_pipe, flux_repos, student, options):
-    pipe = flux_pipe if options is None else _flux(flux_repos, student, family_options=options)
+    pipe = flux_pipe if options is None else _flux(flux_repos, student, family_options=options or None)
     ours = pipe(PROMPTS, seeds=SEEDS, output_type="pt", height=32, width=32)
     with torch.no_grad():  # schnell's transformer has no guidance input: guidance_scale is unused
         ref = _flux_ref(flux_repos, student)(PROMPTS, generator=[torch.Generator().manual_seed(s) for s in SEEDS],
@@ -175,7 +175,7 @@ def test_flux_unguided_images_equal_flux_pipeline(flux_pipe, flux_repos, student
     err = float((ours - ref).abs().max())
     assert err <= 1e-5, f"{student}: max abs image difference {err:.2e} vs FluxPipeline"
     assert float(ref.std()) > 1e-3
-    if options is not None:  # the same transformer weights: only the shifted schedule differs
+    if options:  # the same transformer weights: only the shifted schedule differs
         plain = flux_pipe(PROMPTS, seeds=SEEDS, output_type="pt", height=32, width=32)
         assert float((ours - plain).abs().max()) > 1e-4
 
@@ -193,6 +193,24 @@ def test_flux_guided_run_feeds_the_teacher_its_guidance_and_no_uncond(flux_pipe)
     assert all(torch.equal(g, torch.full_like(g, 2.0)) for _, g in calls)
     assert bool(guided.isfinite().all())
     assert float((guided - plain).abs().max()) > 1e-4
+
+
+def test_flux_teacher_with_other_encoders_gets_its_own_conditioning_and_no_uncond(flux_repos):
+    pipe = _flux(flux_repos, "flux_own_text")
+    assert not pipe.report.shared_text_encoders and pipe.teacher_text is not None
+    calls = []
+    hook = pipe.teacher.transformer.register_forward_pre_hook(
+        lambda m, a, kw: calls.append((kw["encoder_hidden_states"].clone(), kw["pooled_projections"].clone())),
+        with_kwargs=True)
+    try:
+        pipe(PROMPTS, seeds=SEEDS, output_type="pt", guided_steps=1, height=32, width=32)
+    finally:
+        hook.remove()
+    states, pooled = pipe.teacher_text.encode(PROMPTS)
+    student_states, student_pooled = pipe.student_text.encode(PROMPTS)
+    assert len(calls) == 1 and calls[0][0].shape[0] == len(PROMPTS)  # one batch-B forward, no uncond rows
+    assert torch.equal(calls[0][0], states) and torch.equal(calls[0][1], pooled)
+    assert not torch.equal(pooled, student_pooled)  # the teacher's CLIP, not the student's
 
 
 @pytest.mark.parametrize("student, kwargs, match", [

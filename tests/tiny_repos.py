@@ -338,8 +338,9 @@ def _save_flux_pipeline(root: str, transformer, scheduler: dict) -> None:
 def build_tiny_flux_repos(root: str) -> dict[str, str]:
     """flux_dev: a FLUX.1-dev-style teacher (guidance_embeds, dynamic shifting); flux_schnell: a schnell-style
     student (no guidance embedding, shift 1, no dynamic shifting), the same encoders and VAE;
-    flux_dynamic: flux_schnell with a dynamically shifted schedule (the mu path). Returns name -> folder."""
-    r = {n: os.path.join(root, n) for n in ("flux_dev", "flux_schnell", "flux_dynamic")}
+    flux_dynamic: flux_schnell with a dynamically shifted schedule (the mu path); flux_own_text: flux_schnell
+    with CLIP weights of its own (not shared with the teacher). Returns name -> folder."""
+    r = {n: os.path.join(root, n) for n in ("flux_dev", "flux_schnell", "flux_dynamic", "flux_own_text")}
     _save_flux_pipeline(r["flux_dev"], _flux_transformer(44, True),
                         dict(shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15))
     _save_flux_pipeline(r["flux_schnell"], _flux_transformer(45, False), dict(shift=1.0, use_dynamic_shifting=False))
@@ -350,4 +351,9 @@ def build_tiny_flux_repos(root: str) -> dict[str, str]:
     FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
                                     base_image_seq_len=16, max_image_seq_len=256).save_pretrained(
         os.path.join(r["flux_dynamic"], "scheduler"))
+    shutil.copytree(r["flux_schnell"], r["flux_own_text"])
+    shutil.rmtree(os.path.join(r["flux_own_text"], "text_encoder"))
+    _text_encoder(16, None, _save_tokenizer(r["flux_own_text"] + "_tok"), 46).save_pretrained(
+        os.path.join(r["flux_own_text"], "text_encoder"))
+    shutil.rmtree(r["flux_own_text"] + "_tok")
     return r
