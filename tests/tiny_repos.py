@@ -73,9 +73,10 @@ def _vae(seed: int, **over):
     from diffusers import AutoencoderKL
 
     torch.manual_seed(seed)
-    return AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
-                         up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 16), latent_channels=4,
-                         norm_num_groups=8, layers_per_block=1, sample_size=32, **over).eval()
+    cfg = dict(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
+               up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 16), latent_channels=4,
+               norm_num_groups=8, layers_per_block=1, sample_size=32)
+    return AutoencoderKL(**dict(cfg, **over)).eval()
 
 
 def _save_scheduler(folder: str, cls_name: str, **over) -> None:
@@ -225,3 +226,134 @@ def tiny_repos_for(tmp_path_factory) -> dict[str, str]:
     if not _REPOS:
         _REPOS.update(build_tiny_repos(str(tmp_path_factory.mktemp("tiny_repos"))))
     return _REPOS
+
+
+# ------------------------------------------------------------------------------------------------------
+# Tiny flow-matching (SD3-style) pipelines: CLIP-L + CLIP-G with projection, a T5 encoder, an
+# SD3Transformer2DModel, a 16-channel VAE with shift_factor, FlowMatchEulerDiscreteScheduler.
+# ------------------------------------------------------------------------------------------------------
+T5_MAX_LEN = 6
+
+
+def _save_t5_tokenizer(folder: str) -> int:
+    """A T5 tokenizer (tokenizers Unigram model) over a tiny vocabulary written here; returns its size."""
+    from transformers import T5Tokenizer
+
+    pieces = ["<pad>", "</s>", "<unk>", "▁", "▁a", "▁cat", "▁red", "▁dog", *"actredog"]
+    tok = T5Tokenizer(vocab=[(p, 0.0 if i < 3 else -float(i)) for i, p in enumerate(pieces)], extra_ids=0,
+                      model_max_length=T5_MAX_LEN)
+    tok.save_pretrained(folder)
+    return len(pieces)
+
+
+def _t5_encoder(d_model: int, vocab: int, seed: int):
+    from transformers import T5Config, T5EncoderModel
+
+    torch.manual_seed(seed)
+    cfg = T5Config(vocab_size=vocab, d_model=d_model, d_kv=8, d_ff=2 * d_model, num_layers=1, num_heads=2,
+                   relative_attention_num_buckets=8, pad_token_id=0, eos_token_id=1, decoder_start_token_id=0)
+    return T5EncoderModel(cfg).eval()
+
+
+def _sd3_transformer(seed: int):
+    from diffusers import SD3Transformer2DModel
+
+    torch.manual_seed(seed)
+    # joint_attention_dim = the T5 width 48 (the CLIP states, 16 + 16, are zero-padded to it); pooled = 16 + 16.
+    return SD3Transformer2DModel(sample_size=16, patch_size=2, in_channels=16, num_layers=1, attention_head_dim=8,
+                                 num_attention_heads=2, joint_attention_dim=48, caption_projection_dim=16,
+                                 pooled_projection_dim=32, out_channels=16, pos_embed_max_size=16).eval()
+
+
+def _save_sd3_teacher(root: str) -> None:
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    os.makedirs(root)
+    vocab = _save_tokenizer(os.path.join(root, "tokenizer"))
+    _save_tokenizer(os.path.join(root, "tokenizer_2"))
+    t5_vocab = _save_t5_tokenizer(os.path.join(root, "tokenizer_3"))
+    _text_encoder(16, 16, vocab, 31).save_pretrained(os.path.join(root, "text_encoder"))
+    _text_encoder(16, 16, vocab, 32).save_pretrained(os.path.join(root, "text_encoder_2"))
+    _t5_encoder(48, t5_vocab, 33).save_pretrained(os.path.join(root, "text_encoder_3"))
+    _sd3_transformer(34).save_pretrained(os.path.join(root, "transformer"))
+    _vae(35, latent_channels=16, scaling_factor=1.5305, shift_factor=0.0609).save_pretrained(os.path.join(root, "vae"))
+    FlowMatchEulerDiscreteScheduler(shift=3.0).save_pretrained(os.path.join(root, "scheduler"))
+    index = {"_class_name": "StableDiffusion3Pipeline", "transformer": ["diffusers", "SD3Transformer2DModel"],
+             "vae": ["diffusers", "AutoencoderKL"], "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"],
+             "text_encoder": ["transformers", "CLIPTextModelWithProjection"],
+             "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"],
+             "text_encoder_3": ["transformers", "T5EncoderModel"], "tokenizer": ["transformers", "CLIPTokenizer"],
+             "tokenizer_2": ["transformers", "CLIPTokenizer"], "tokenizer_3": ["transformers", "T5Tokenizer"],
+             "image_encoder": [None, None], "feature_extractor": [None, None]}
+    with open(os.path.join(root, "model_index.json"), "w") as f:
+        json.dump(index, f)
+
+
+def build_tiny_sd3_repos(root: str) -> dict[str, str]:
+    """sd3_teacher: an SD3.5-style teacher pipeline; sd3_turbo: a Turbo-style student pipeline (the teacher's
+    encoders and VAE, its own transformer). Returns name -> folder."""
+    r = {n: os.path.join(root, n) for n in ("sd3_teacher", "sd3_turbo")}
+    _save_sd3_teacher(r["sd3_teacher"])
+    shutil.copytree(r["sd3_teacher"], r["sd3_turbo"])
+    shutil.rmtree(os.path.join(r["sd3_turbo"], "transformer"))
+    _sd3_transformer(36).save_pretrained(os.path.join(r["sd3_turbo"], "transformer"))
+    return r
+
+
+# ------------------------------------------------------------------------------------------------------
+# Tiny FLUX-style pipelines: CLIP-L (CLIPTextModel, pooled), T5, FluxTransformer2DModel (packed 2x2 patches),
+# a 16-channel VAE with shift_factor, FlowMatchEulerDiscreteScheduler.
+# ------------------------------------------------------------------------------------------------------
+def _flux_transformer(seed: int, guidance_embeds: bool):
+    from diffusers import FluxTransformer2DModel
+
+    torch.manual_seed(seed)
+    # in_channels 64 = 16 latent channels x a 2x2 patch; joint_attention_dim = the T5 width 48; pooled = CLIP 16.
+    return FluxTransformer2DModel(patch_size=1, in_channels=64, num_layers=1, num_single_layers=1,
+                                  attention_head_dim=16, num_attention_heads=2, joint_attention_dim=48,
+                                  pooled_projection_dim=16, guidance_embeds=guidance_embeds,
+                                  axes_dims_rope=(4, 4, 8)).eval()
+
+
+def _save_flux_pipeline(root: str, transformer, scheduler: dict) -> None:
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    os.makedirs(root)
+    vocab = _save_tokenizer(os.path.join(root, "tokenizer"))
+    t5_vocab = _save_t5_tokenizer(os.path.join(root, "tokenizer_2"))
+    _text_encoder(16, None, vocab, 41).save_pretrained(os.path.join(root, "text_encoder"))
+    _t5_encoder(48, t5_vocab, 42).save_pretrained(os.path.join(root, "text_encoder_2"))
+    transformer.save_pretrained(os.path.join(root, "transformer"))
+    _vae(43, latent_channels=16, scaling_factor=0.3611, shift_factor=0.1159).save_pretrained(os.path.join(root, "vae"))
+    FlowMatchEulerDiscreteScheduler(**scheduler).save_pretrained(os.path.join(root, "scheduler"))
+    index = {"_class_name": "FluxPipeline", "transformer": ["diffusers", "FluxTransformer2DModel"],
+             "vae": ["diffusers", "AutoencoderKL"], "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"],
+             "text_encoder": ["transformers", "CLIPTextModel"], "text_encoder_2": ["transformers", "T5EncoderModel"],
+             "tokenizer": ["transformers", "CLIPTokenizer"], "tokenizer_2": ["transformers", "T5Tokenizer"],
+             "image_encoder": [None, None], "feature_extractor": [None, None]}
+    with open(os.path.join(root, "model_index.json"), "w") as f:
+        json.dump(index, f)
+
+
+def build_tiny_flux_repos(root: str) -> dict[str, str]:
+    """flux_dev: a FLUX.1-dev-style teacher (guidance_embeds, dynamic shifting); flux_schnell: a schnell-style
+    student (no guidance embedding, shift 1, no dynamic shifting), the same encoders and VAE;
+    flux_dynamic: flux_schnell with a dynamically shifted schedule (the mu path); flux_own_text: flux_schnell
+    with CLIP weights of its own (not shared with the teacher). Returns name -> folder."""
+    r = {n: os.path.join(root, n) for n in ("flux_dev", "flux_schnell", "flux_dynamic", "flux_own_text")}
+    _save_flux_pipeline(r["flux_dev"], _flux_transformer(44, True),
+                        dict(shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15))
+    _save_flux_pipeline(r["flux_schnell"], _flux_transformer(45, False), dict(shift=1.0, use_dynamic_shifting=False))
+    shutil.copytree(r["flux_schnell"], r["flux_dynamic"])
+    shutil.rmtree(os.path.join(r["flux_dynamic"], "scheduler"))
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
+                                    base_image_seq_len=16, max_image_seq_len=256).save_pretrained(
+        os.path.join(r["flux_dynamic"], "scheduler"))
+    shutil.copytree(r["flux_schnell"], r["flux_own_text"])
+    shutil.rmtree(os.path.join(r["flux_own_text"], "text_encoder"))
+    _text_encoder(16, None, _save_tokenizer(r["flux_own_text"] + "_tok"), 46).save_pretrained(
+        os.path.join(r["flux_own_text"], "text_encoder"))
+    shutil.rmtree(r["flux_own_text"] + "_tok")
+    return r

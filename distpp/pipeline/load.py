@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from ..errors import ConfigError
-from .encode import PromptEncoder, same_tokenizers
+from .encode import FluxPromptEncoder, PromptEncoder, SD3PromptEncoder, same_tokenizers
 from .fetch import from_pretrained, load_state_dict, load_unet
 from .resolve import LoadPlan
 
@@ -41,18 +41,20 @@ class LoadReport:
 class Loaded:
     """The loaded parts of a pipeline; ``teacher_text`` None means the student's encoders serve both."""
 
-    student_unet: Any
+    student_unet: Any  # a UNet, or an SD3 / FLUX transformer (plan.arch "sd3" / "flux")
     teacher_unet: Any
     vae: Any
-    student_text: PromptEncoder
-    teacher_text: PromptEncoder | None
+    student_text: PromptEncoder | SD3PromptEncoder | FluxPromptEncoder
+    teacher_text: PromptEncoder | SD3PromptEncoder | FluxPromptEncoder | None
     report: LoadReport
 
 
 def load(plan: LoadPlan) -> Loaded:
-    """Load every part of ``plan`` onto its device (UNets and encoders in ``plan.dtype``; the VAE in
-    float32 when upcast)."""
+    """Load every part of ``plan`` onto its device (UNets / transformers and encoders in ``plan.dtype``; the
+    VAE in float32 when upcast)."""
     lfo = dict(local_files_only=plan.offline)
+    if plan.arch != "unet":
+        return _load_transformers(plan, lfo)
     t_unet = load_unet(plan.teacher, subfolder="unet", dtype=plan.dtype, **lfo)
     lora_mode, lora_meta = None, False
     if plan.kind == "pipeline":
@@ -64,14 +66,39 @@ def load(plan: LoadPlan) -> Loaded:
     else:
         s_unet, lora_meta = fused_lora_copy(t_unet, plan.student_file, plan.lora_scale, plan.sdxl)
         lora_mode = "fused_copy"
-    t_text = load_text(plan.teacher, plan.teacher_encoders, plan.dtype, lfo)
-    s_text, shared = None, True
-    if plan.student_encoders:
-        s_text = load_text(plan.student, plan.student_encoders, plan.dtype, lfo)
-        shared = same_text(s_text, t_text)
-        if shared:
-            s_text = None
+    texts = _texts(plan, lambda ref, names: load_text(ref, names, plan.dtype, lfo))
+    return _finish(plan, lfo, s_unet, t_unet, *texts, lora_mode, lora_meta)
 
+
+def _load_transformers(plan: LoadPlan, lfo: dict) -> Loaded:
+    """An SD3 or FLUX teacher pipeline and its full student pipeline; the student's encoders are dropped for
+    the teacher's when they are the same (tokenizers and weights)."""
+    import diffusers
+
+    cls = diffusers.SD3Transformer2DModel if plan.arch == "sd3" else diffusers.FluxTransformer2DModel
+
+    def transformer(ref: str, who: str):
+        return from_pretrained(cls.from_pretrained, ref, f"{who} transformer", subfolder="transformer",
+                               torch_dtype=plan.dtype, **lfo).eval().requires_grad_(False)
+
+    t_model, s_model = transformer(plan.teacher, "teacher"), transformer(plan.student, "student")
+    texts = _texts(plan, lambda ref, names: load_t5_text(plan.arch, ref, plan.dtype, plan.max_sequence_length, lfo))
+    return _finish(plan, lfo, s_model, t_model, *texts, None, False)
+
+
+def _texts(plan: LoadPlan, load_set):
+    """(student encoders or None, teacher encoders, shared): ``load_set(ref, names)`` loads one encoder set;
+    a student pipeline's own set is dropped (None, shared) when it equals the teacher's."""
+    t_text = load_set(plan.teacher, plan.teacher_encoders)
+    if not plan.student_encoders:
+        return None, t_text, True
+    s_text = load_set(plan.student, plan.student_encoders)
+    shared = same_text(s_text, t_text)
+    return (None if shared else s_text), t_text, shared
+
+
+def _finish(plan: LoadPlan, lfo: dict, s_model, t_model, s_text, t_text, shared: bool, lora_mode, lora_meta) -> Loaded:
+    """Load the VAE (upcast when asked), move every part to the plan's device, and report what is shared."""
     vae, vae_source = load_vae(plan, lfo)
     upcast = plan.upcast_vae
     if upcast is None:
@@ -80,12 +107,12 @@ def load(plan: LoadPlan) -> Loaded:
     vae = vae.to(device=plan.device)
     if next(vae.parameters()).dtype != vae_dtype:  # loaded in plan.dtype: cast only to upcast
         vae = vae.to(dtype=vae_dtype)
-    for m in (t_unet, s_unet, *t_text.encoders, *(s_text.encoders if s_text else ())):
+    for m in (t_model, s_model, *t_text.encoders, *(s_text.encoders if s_text else ())):
         m.to(device=plan.device)
     report = LoadReport(plan.kind, plan.sdxl, shared, vae_source, next(vae.parameters()).dtype, lora_mode, lora_meta)
     if shared:
-        return Loaded(s_unet, t_unet, vae, t_text, None, report)
-    return Loaded(s_unet, t_unet, vae, s_text, t_text, report)
+        return Loaded(s_model, t_model, vae, t_text, None, report)
+    return Loaded(s_model, t_model, vae, s_text, t_text, report)
 
 
 def same_weights(a, b) -> bool:
@@ -104,7 +131,7 @@ def same_weights(a, b) -> bool:
     return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
 
 
-def same_text(a: PromptEncoder, b: PromptEncoder) -> bool:
+def same_text(a, b) -> bool:
     """Two encoder sets give the same conditioning for every prompt: same tokenizers and same weights."""
     return len(a.encoders) == len(b.encoders) and same_tokenizers(a.tokenizers, b.tokenizers) and all(
         same_weights(x, y) for x, y in zip(a.encoders, b.encoders))
@@ -158,6 +185,24 @@ def load_text(ref: str, names: tuple[str, ...], dtype: torch.dtype, lfo: dict) -
         encs.append(from_pretrained(cls.from_pretrained, ref, name, subfolder=name, **lfo).to(dtype).eval()
                     .requires_grad_(False))
     return PromptEncoder(toks, encs)
+
+
+def load_t5_text(arch: str, ref: str, dtype: torch.dtype, max_sequence_length: int, lfo: dict):
+    """The text encoders of a transformer pipeline with their tokenizers: SD3 CLIP-L, CLIP-G (both
+    CLIPTextModelWithProjection) and T5; FLUX CLIP-L (CLIPTextModel) and T5 (T5EncoderModel)."""
+    from transformers import AutoTokenizer, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer, T5EncoderModel
+
+    clips = (CLIPTextModelWithProjection,) * 2 if arch == "sd3" else (CLIPTextModel,)
+    names = [("tokenizer", "text_encoder"), ("tokenizer_2", "text_encoder_2"), ("tokenizer_3", "text_encoder_3")]
+    toks, encs = [], []
+    for i, cls in enumerate((*clips, T5EncoderModel)):
+        tok_sub, name = names[i]
+        tok_cls = CLIPTokenizer if cls is not T5EncoderModel else AutoTokenizer
+        toks.append(from_pretrained(tok_cls.from_pretrained, ref, tok_sub, subfolder=tok_sub, **lfo))
+        encs.append(from_pretrained(cls.from_pretrained, ref, name, subfolder=name, **lfo).to(dtype).eval()
+                    .requires_grad_(False))
+    encoder = SD3PromptEncoder if arch == "sd3" else FluxPromptEncoder
+    return encoder(toks, encs, max_sequence_length=max_sequence_length)
 
 
 def load_vae(plan: LoadPlan, lfo: dict):

@@ -17,9 +17,10 @@ from ..denoiser import SDXL_TIME_IDS, Cond, UNetDenoiser, sdxl_time_ids
 from ..errors import BackendUnavailableError, ConfigError, InputError
 from ..runtime import CondSpec, Runtime, WarmupRecord
 from ..sampler import Sampler
-from .encode import PromptEncoder
+from ..transformer import FluxDenoiser, SD3Denoiser
+from .encode import FluxPromptEncoder, PromptEncoder, SD3PromptEncoder
 from .load import LoadReport, load
-from .resolve import check_pair_configs, resolve
+from .resolve import FLUX_SAMPLE_SIZE, check_pair_configs, check_transformer_configs, resolve
 
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 
@@ -42,14 +43,15 @@ class Pipeline:
     """prompt -> image with a guided student, sampling through one :class:`~distpp.runtime.Runtime`.
 
     Build with :meth:`from_pretrained`, or directly from loaded parts (student/teacher UNets, a VAE,
-    PromptEncoders: ``teacher_text`` None means the student's encoders serve the teacher too). The
+    PromptEncoders: ``teacher_text`` None means the student's encoders serve the teacher too), or from
+    SD3 / FLUX transformers with SD3PromptEncoders / FluxPromptEncoders and family "flow". The
     runtime options (backend, graphs, batch_sizes, max_graphs, on_miss, backend_options, cache) are
     the Runtime's; ``sizes`` ((height, width) pixels, default the student's native size) are what it
     builds backends for and warms up.
     """
 
-    def __init__(self, student_unet, teacher_unet, vae, student_text: PromptEncoder,
-                 teacher_text: PromptEncoder | None = None, *, config: SamplerConfig | None = None,
+    def __init__(self, student_unet, teacher_unet, vae, student_text, teacher_text=None, *,
+                 config: SamplerConfig | None = None,
                  device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32, w_embed: float = 7.5,
                  force_zeros_for_empty_prompt: bool = False, report: LoadReport | None = None,
                  backend: str = "auto", graphs: bool | str = "auto", batch_sizes: Sequence[int] = (1,),
@@ -57,17 +59,17 @@ class Pipeline:
                  sizes: Sequence[tuple[int, int]] | None = None):
         self.config = config or SamplerConfig()
         self.device, self.dtype = torch.device(device), dtype
-        check_pair_configs(dict(student_unet.config), dict(teacher_unet.config),
-                           (student_text.width, student_text.pooled_width),
-                           ((teacher_text or student_text).width, (teacher_text or student_text).pooled_width))
-        self.student = UNetDenoiser(student_unet, w_embed=w_embed)
-        self.teacher = UNetDenoiser(teacher_unet)
+        self.student, self.teacher = _denoisers(student_unet, teacher_unet, student_text, teacher_text, w_embed)
         self.vae = vae
         self.student_text, self.teacher_text = student_text, teacher_text
         self.force_zeros_for_empty_prompt = bool(force_zeros_for_empty_prompt)
-        self.latent_channels = int(student_unet.config.in_channels)
+        self.latent_channels = int(self.student.spec.in_channels)
         self.vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1)
-        self.default_size = int(student_unet.config.sample_size) * self.vae_scale_factor
+        # pixels an image side must be a multiple of: the VAE factor x the transformer's patch (1 for UNets)
+        self.size_multiple = self.vae_scale_factor * int(getattr(self.student, "spatial_multiple", 1))
+        # FLUX transformer configs have no sample_size: FluxPipeline's default (128 latents) stands in
+        sample = getattr(student_unet.config, "sample_size", None) or FLUX_SAMPLE_SIZE
+        self.default_size = int(sample) * self.vae_scale_factor
         self.report = report
         sizes = [self.image_size(h, w) for h, w in sizes or [(None, None)]]
         self.runtime = Runtime(self.student, self.teacher, cond_spec=_cond_spec(student_text),
@@ -85,7 +87,13 @@ class Pipeline:
         """Load a student/teacher pair: every config is read and checked first, then the weights load.
 
         student, teacher:  local folders or Hub ids (teacher: a full diffusers pipeline).
-        family:            the student's sampler family (lcm, dmd2, euler, euler_a, ddim).
+        family:            the student's sampler family (lcm, dmd2, euler, euler_a, ddim, tcd; flow for SD3 / FLUX).
+                           A teacher whose model_index.json lists a ``transformer`` is an SD3 / SD3.5 or FLUX.1
+                           pipeline: family "flow", a full student pipeline (its scheduler config sets the
+                           schedule), the flow options of diffusers' pipeline for it (SD3: timestep_scale 1000,
+                           sigmas "scheduler"; FLUX: 1, "linspace"), CFG for SD3, embedded guidance for a
+                           ``guidance_embeds`` FLUX teacher (FLUX.1-dev; cfg default 3.5, no uncond).
+        max_sequence_length: T5 tokens of a prompt (transformer pipelines; diffusers' SD3 256, FLUX 512).
         student_kind:      auto (default) | pipeline | unet | unet_file | lora:
                            "pipeline": a full diffusers pipeline (e.g. SDXL-Turbo); its text encoders and VAE
                            are kept only when they differ from the teacher's (tokenizers or weights);
@@ -150,13 +158,15 @@ class Pipeline:
         self.close()
 
     def encode(self, prompts: Sequence[str], negative_prompts: Sequence[str] | None, height: int,
-               width: int) -> dict[str, Cond | None]:
+               width: int, *, teacher: bool | None = None) -> dict[str, Cond | None]:
         """Conditioning for one batch: cond / teacher_cond [B], uncond / teacher_uncond [B] (None when
-        ``negative_prompts`` is None). teacher_* is None when the teacher shares the student's encoders."""
+        ``negative_prompts`` is None). teacher_* is None when the teacher shares the student's encoders, and
+        teacher_cond also when ``teacher`` is False (default: True when negative prompts are given; an
+        embedded-guidance teacher needs teacher_cond without negatives)."""
         # SDXL micro-conditioning: original size, crop top-left, target size, in pixels.
         time_ids = sdxl_time_ids(height, width, len(prompts), self.device)
 
-        def conds(enc: PromptEncoder, texts, zero_empty: bool) -> Cond:
+        def conds(enc, texts, zero_empty: bool) -> Cond:
             states, pooled = enc.encode(texts)
             if zero_empty:
                 keep = torch.tensor([t != "" for t in texts], device=states.device, dtype=states.dtype)
@@ -164,16 +174,19 @@ class Pipeline:
                 pooled = None if pooled is None else pooled * keep[:, None]
             if pooled is None:
                 return Cond(states.to(self.device))
-            return Cond(states.to(self.device), pooled.to(self.device), time_ids)
+            return Cond(states.to(self.device), pooled.to(self.device), time_ids if enc.time_ids else None)
 
         zero = self.force_zeros_for_empty_prompt
         out = {"cond": conds(self.student_text, prompts, False), "uncond": None,
                "teacher_cond": None, "teacher_uncond": None}
+        if teacher is None:
+            teacher = negative_prompts is not None
+        if self.teacher_text is not None and teacher:
+            out["teacher_cond"] = conds(self.teacher_text, prompts, False)
         if negative_prompts is not None:
             if self.teacher_text is None:
                 out["uncond"] = conds(self.student_text, negative_prompts, zero)
             else:
-                out["teacher_cond"] = conds(self.teacher_text, prompts, False)
                 out["teacher_uncond"] = conds(self.teacher_text, negative_prompts, zero)
         return out
 
@@ -229,7 +242,9 @@ class Pipeline:
         f = self.vae_scale_factor
         overrides = _overrides(guided_steps)
         sampler = self.sampler(guided_steps)  # checks guided_steps before the encoders run
-        c = self.encode(prompts, negatives if sampler.config.guided_steps > 0 else None, height, width)
+        guided = sampler.config.guided_steps > 0
+        cfg_teacher = guided and sampler.config.teacher_guidance == "cfg"  # an embedded one takes no uncond
+        c = self.encode(prompts, negatives if cfg_teacher else None, height, width, teacher=guided)
         if timer is not None:
             timer.lap("encode")
         hooks = _Hooks(timer, progress, sampler.schedule.steps) if timer is not None or progress is not None else None
@@ -250,12 +265,14 @@ class Pipeline:
 
     def image_size(self, height: int | None = None, width: int | None = None) -> tuple[int, int]:
         """(height, width) in pixels of a call (default: the student's native size), checked."""
-        f = self.vae_scale_factor
+        f = self.size_multiple
         h = self.default_size if height is None else int(height)
         w = self.default_size if width is None else int(width)
         if h < f or w < f or h % f or w % f:
-            raise InputError(f"height and width must be positive multiples of the VAE scale factor {f}; "
-                             f"got {h}x{w}")
+            raise InputError(f"height and width must be positive multiples of {f} (the VAE scale factor "
+                             f"{self.vae_scale_factor} x the transformer's patch size); got {h}x{w}"
+                             if f != self.vae_scale_factor else
+                             f"height and width must be positive multiples of the VAE scale factor {f}; got {h}x{w}")
         return h, w
 
 
@@ -267,10 +284,41 @@ def _overrides(guided_steps: int | None) -> dict | None:
     return None if guided_steps is None else {"guided_steps": guided_steps}
 
 
-def _cond_spec(text: PromptEncoder) -> CondSpec:
-    """One row of the conditioning ``text`` gives: [tokens, width] states (+ pooled, time_ids for SDXL)."""
-    pooled = text.pooled_width
-    return CondSpec(text.tokens, text.width, pooled, SDXL_TIME_IDS if pooled is not None else None)
+def _cond_spec(text) -> CondSpec:
+    """One row of the conditioning ``text`` gives: [tokens, width] states (+ pooled; time_ids for SDXL)."""
+    return CondSpec(text.tokens, text.width, text.pooled_width, SDXL_TIME_IDS if text.time_ids else None)
+
+
+def _denoisers(student, teacher, student_text, teacher_text, w_embed: float):
+    """(student, teacher) Denoisers of the models, after checking they fit each other and their encoders:
+    UNetDenoisers (LCM students get ``w_embed``), SD3Denoisers or FluxDenoisers."""
+    import diffusers
+
+    t_text = teacher_text or student_text
+    for cls, encoder, denoiser in ((diffusers.SD3Transformer2DModel, SD3PromptEncoder, SD3Denoiser),
+                                   (diffusers.FluxTransformer2DModel, FluxPromptEncoder, FluxDenoiser)):
+        kinds = [isinstance(m, cls) for m in (student, teacher)]
+        if not any(kinds):
+            continue
+        if not all(kinds) or not all(isinstance(t, encoder) for t in (student_text, t_text)):
+            raise ConfigError(f"a Pipeline over a {cls.__name__} takes two of them and {encoder.__name__}s; got "
+                              f"{type(student).__name__} / {type(teacher).__name__} with "
+                              f"{type(student_text).__name__} / {type(t_text).__name__}")
+        check_transformer_configs(dict(student.config), dict(teacher.config), _t5_dims(student_text),
+                                  _t5_dims(t_text))
+        return denoiser(student), denoiser(teacher)
+    if not all(isinstance(t, PromptEncoder) for t in (student_text, t_text)):
+        raise ConfigError("UNet Pipelines take PromptEncoders (CLIP); SD3 / FLUX prompt encoders are for their "
+                          "transformers")
+    check_pair_configs(dict(student.config), dict(teacher.config), (student_text.width, student_text.pooled_width),
+                       (t_text.width, t_text.pooled_width))
+    return UNetDenoiser(student, w_embed=w_embed), UNetDenoiser(teacher)
+
+
+def _t5_dims(text) -> tuple[int, int, int]:
+    """(T5 width, pooled width, CLIP states width padded into the T5 rows: SD3's two encoders, none for FLUX)."""
+    clip = sum(int(e.config.hidden_size) for e in text.encoders[:2]) if isinstance(text, SD3PromptEncoder) else 0
+    return text.width, text.pooled_width, clip
 
 
 def _prompt_lists(prompt, negative_prompt) -> tuple[list[str], list[str]]:

@@ -25,6 +25,7 @@ from ..denoiser import ModelSpec, text_time_dims
 from ..errors import BackendUnavailableError, ConfigError, WeightsNotFoundError
 from ..sampler import _check_device_dtype
 from ..schedules import FAMILIES, build_schedule, family_scheduler_class
+from .encode import check_max_sequence_length
 from .fetch import check_exists, fetch, fetch_required, is_hub_id, offline as _offline, read_json, \
     read_json_or_empty, state_dict_shapes
 
@@ -52,6 +53,9 @@ class LoadPlan:
     vae:               None, a VAE folder / Hub id, or a loaded AutoencoderKL.
     vae_scale_factor:  pixels per latent (2 ** (len(block_out_channels) - 1)).
     sizes:             the (height, width) pixel sizes the Runtime builds backends for and warms up.
+    arch:              "unet" (SD1.5 / SDXL UNets), "sd3" (SD3Transformer2DModel) or "flux"
+                       (FluxTransformer2DModel); for transformers the *_unet_config fields hold their configs.
+    max_sequence_length: T5 tokens of a prompt (diffusers' defaults: SD3 256, FLUX 512); None for UNets.
     """
 
     student: str
@@ -80,6 +84,8 @@ class LoadPlan:
     sizes: tuple[tuple[int, int], ...]
     student_unet_config: dict = field(compare=False, repr=False)
     teacher_unet_config: dict = field(compare=False, repr=False)
+    arch: str = "unet"
+    max_sequence_length: int | None = None
 
 
 def resolve(student: str, teacher: str, family: str, *, student_kind: str = "auto",
@@ -88,7 +94,8 @@ def resolve(student: str, teacher: str, family: str, *, student_kind: str = "aut
             dtype: torch.dtype | None = None, w_embed: float = 7.5, local_files_only: bool | None = None,
             prediction_type: str | None = None, teacher_prediction_type: str | None = None,
             allow_family_mismatch: bool = False, backend: str = "auto", graphs: Any = "auto",
-            batch_sizes=(1,), max_graphs: int = 8, sizes=None, **sampler_kwargs) -> LoadPlan:
+            batch_sizes=(1,), max_graphs: int = 8, sizes=None, max_sequence_length: int | None = None,
+            **sampler_kwargs) -> LoadPlan:
     """The LoadPlan of ``Pipeline.from_pretrained``'s arguments (see there); raises before any weights load."""
     # Settings first: nothing is read for a config that cannot run.
     if student_kind not in STUDENT_KINDS:
@@ -108,6 +115,19 @@ def resolve(student: str, teacher: str, family: str, *, student_kind: str = "aut
     check_exists(student)
 
     index = read_json(teacher, "model_index.json", None, is_offline, "teacher (a diffusers pipeline folder)")
+    if _has(index, "transformer"):
+        if student_weights or student_subfolder:
+            raise ConfigError("student_weights / student_subfolder are for UNet students; a transformer teacher "
+                              "takes a full student pipeline folder: drop them")
+        return _resolve_transformer(student, teacher, index, config, student_kind=student_kind, vae=vae,
+                                    allow_family_mismatch=allow_family_mismatch, is_offline=is_offline,
+                                    max_sequence_length=max_sequence_length,
+                                    common=dict(device=device, dtype=dtype, upcast_vae=upcast_vae,
+                                                lora_scale=float(lora_scale), w_embed=float(w_embed),
+                                                backend=backend, graphs=graphs, batch_sizes=batch_sizes,
+                                                max_graphs=max_graphs),
+                                    sizes=sizes, prediction_types=(prediction_type, teacher_prediction_type),
+                                    given=set(sampler_kwargs))
     t_unet_cfg = read_json(teacher, "config.json", "unet", is_offline, "teacher UNet")
     kind = student_kind if student_kind != "auto" else _detect_kind(student, student_weights, student_subfolder,
                                                                     is_offline)
@@ -162,15 +182,8 @@ def resolve(student: str, teacher: str, family: str, *, student_kind: str = "aut
         s_text_dims = _text_dims([read_json(student, "config.json", n, is_offline, f"student {n}") for n in s_names])
     check_pair_configs(s_unet_cfg, t_unet_cfg, s_text_dims, t_text_dims)
     student_vae = kind == "pipeline" and _has(s_index, "vae")
-    vae_cfgs = [("the VAE", _vae_config(vae, is_offline))] if vae is not None else \
-        [("the teacher's VAE", read_json(teacher, "config.json", "vae", is_offline, "teacher VAE"))]
-    if vae is None and student_vae:
-        vae_cfgs.append(("the student's VAE", read_json(student, "config.json", "vae", is_offline, "student VAE")))
-    factors = {_check_vae(who, c, int(s_unet_cfg["in_channels"])) for who, c in vae_cfgs}
-    if len(factors) != 1:
-        raise ConfigError(f"the student's and the teacher's VAEs downsample by different factors {sorted(factors)}; "
-                          "pass vae=... to decode with one VAE")
-    factor = factors.pop()
+    vae_cfgs = _vae_configs(vae, teacher, student, student_vae, is_offline)
+    factor = _vae_factor(vae_cfgs, int(s_unet_cfg["in_channels"]))
     sizes = _sizes(sizes, int(s_unet_cfg["sample_size"]) * factor, factor)
     return LoadPlan(student=student, teacher=teacher, kind=kind, student_subfolder=student_subfolder,
                     student_file=student_file, config=config, device=device, dtype=dtype, offline=is_offline,
@@ -239,7 +252,7 @@ def check_schedule(config: SamplerConfig) -> None:
                               f"original_inference_steps ({cap}): an LCM-style student takes at most {cap} steps "
                               f"(it was distilled for 1-8); pass at most steps={cap}")
     build_schedule(config.family, config.steps, timesteps=config.timesteps, prediction_type=config.prediction_type,
-                   scheduler_config=config.scheduler_config)
+                   scheduler_config=config.scheduler_config, family_options=config.family_options)
 
 
 def scheduler_families() -> dict[str, tuple[str, ...]]:
@@ -280,10 +293,7 @@ def check_pair_configs(student_unet: dict, teacher_unet: dict, student_text: tup
 
     *_unet: UNet config dicts; *_text: (states width, pooled width or None) of the encoders each uses.
     """
-    cs, ct = int(student_unet["in_channels"]), int(teacher_unet["in_channels"])
-    if cs != ct:
-        raise ConfigError(f"the student takes {cs} latent channels but the teacher {ct}: they must share a "
-                          "latent space (pick a student distilled from this teacher)")
+    _check_latent_channels(student_unet, teacher_unet)
     for who, cfg, (width, pooled) in (("student", student_unet, student_text), ("teacher", teacher_unet, teacher_text)):
         cad, upooled = int(cfg["cross_attention_dim"]), text_time_dims(cfg)[0]
         if cad != width:
@@ -292,6 +302,31 @@ def check_pair_configs(student_unet: dict, teacher_unet: dict, student_text: tup
         if upooled != pooled:
             raise ConfigError(f"the {who} UNet expects pooled text_embeds of width {upooled} but its text "
                               f"encoders give {pooled}: SD1.5-style and SDXL-style models cannot be mixed")
+
+
+def _vae_configs(vae, teacher: str, student: str, student_vae: bool, is_offline: bool) -> list[tuple[str, dict]]:
+    """(who, config) of every VAE that may decode: the given one, else the teacher's (+ the student's)."""
+    if vae is not None:
+        return [("the VAE", _vae_config(vae, is_offline))]
+    cfgs = [("the teacher's VAE", read_json(teacher, "config.json", "vae", is_offline, "teacher VAE"))]
+    if student_vae:
+        cfgs.append(("the student's VAE", read_json(student, "config.json", "vae", is_offline, "student VAE")))
+    return cfgs
+
+
+def _vae_factor(vae_cfgs: list[tuple[str, dict]], channels: int) -> int:
+    factors = {_check_vae(who, c, channels) for who, c in vae_cfgs}
+    if len(factors) != 1:
+        raise ConfigError(f"the student's and the teacher's VAEs downsample by different factors {sorted(factors)}; "
+                          "pass vae=... to decode with one VAE")
+    return factors.pop()
+
+
+def _check_latent_channels(student: dict, teacher: dict) -> None:
+    cs, ct = int(student["in_channels"]), int(teacher["in_channels"])
+    if cs != ct:
+        raise ConfigError(f"the student takes {cs} latent channels but the teacher {ct}: they must share a "
+                          "latent space (pick a student distilled from this teacher)")
 
 
 def _check_vae(who: str, cfg: dict, channels: int) -> int:
@@ -409,3 +444,154 @@ def check_lora_file(path: str, teacher_config: dict, name: str) -> None:
         if not ok:
             raise ConfigError(f"{name!r} does not fit the teacher's UNet: {key!r} has shape {shape} for a layer of "
                               f"shape {target}; pass a LoRA trained on this teacher (SD1.5 and SDXL LoRAs differ)")
+
+
+# ------------------------------------------------------------------------------------------------------
+# Transformer (flow-matching) pipelines: SD3 / SD3.5 and FLUX.1 teachers and their full-pipeline students.
+# ------------------------------------------------------------------------------------------------------
+SD3_ENCODERS = ("text_encoder", "text_encoder_2", "text_encoder_3")
+FLUX_ENCODERS = ("text_encoder", "text_encoder_2")
+# Per transformer kind: its text encoders, the family_options its diffusers pipeline's loop corresponds to,
+# and that pipeline's default T5 length. SD3: timestep sigma * 1000, the scheduler's own sigma spacing;
+# FLUX: timestep sigma, sigmas linspace(1, 1/N, N).
+TRANSFORMER_KINDS = {
+    "sd3": (SD3_ENCODERS, {"timestep_scale": 1000.0, "sigmas": "scheduler"}, 256),
+    "flux": (FLUX_ENCODERS, {"timestep_scale": 1.0, "sigmas": "linspace"}, 512),
+}
+# FluxPipeline's default_sample_size (its transformer config has no sample_size): 128 latents = 1024 px.
+FLUX_SAMPLE_SIZE = 128
+# FluxPipeline's default guidance_scale, the teacher's embedded guidance when cfg is not passed (FLUX.1-dev).
+FLUX_EMBEDDED_CFG = 3.5
+
+
+def _resolve_transformer(student: str, teacher: str, index: dict, config: SamplerConfig, *, student_kind: str,
+                         vae: Any, allow_family_mismatch: bool, is_offline: bool, max_sequence_length: int,
+                         common: dict, sizes, prediction_types, given: set) -> LoadPlan:
+    """The LoadPlan of a transformer teacher pipeline (model_index.json lists ``transformer``)."""
+    t_cfg = read_json(teacher, "config.json", "transformer", is_offline, "teacher transformer")
+    arch = _transformer_arch(t_cfg, teacher)
+    if config.family != "flow":
+        raise ConfigError(f"the teacher {teacher!r} is a flow-matching transformer pipeline; pass family='flow' "
+                          f"(got family={config.family!r})")
+    if student_kind not in ("auto", "pipeline"):
+        raise ConfigError(f"student_kind={student_kind!r} is not supported for transformer pipelines; pass a full "
+                          "student pipeline folder (student_kind='pipeline', e.g. SD3.5-Large-Turbo)")
+    if any(p not in (None, "flow") for p in prediction_types):
+        raise ConfigError(f"flow-matching transformers predict velocities: prediction_type and "
+                          f"teacher_prediction_type must be 'flow' or None, got {prediction_types}")
+    encoders, family_options, default_tokens = TRANSFORMER_KINDS[arch]
+    if max_sequence_length is None:
+        max_sequence_length = default_tokens
+    max_sequence_length = check_max_sequence_length(max_sequence_length)
+    s_index = read_json(student, "model_index.json", None, is_offline, "student pipeline (a diffusers pipeline "
+                        "folder with a transformer)")
+    if not _has(s_index, "transformer"):
+        raise ConfigError(f"the student {student!r} has no transformer in its model_index.json; a transformer teacher "
+                          "needs a transformer student pipeline of the same family (e.g. SD3.5-Large-Turbo)")
+    s_cfg = read_json(student, "config.json", "transformer", is_offline, "student transformer")
+    if _transformer_arch(s_cfg, student) != arch:
+        raise ConfigError(f"the student's transformer is a {s_cfg.get('_class_name')} but the teacher's a "
+                          f"{t_cfg.get('_class_name')}: pass a student distilled from this teacher")
+    guidance = _teacher_guidance(arch, s_cfg, t_cfg, config, given)
+
+    s_sched = read_json_or_empty(student, "scheduler_config.json", "scheduler", is_offline)
+    if s_sched:
+        check_family_fits(config.family, s_sched.get("_class_name"), student, allow_family_mismatch)
+    if config.scheduler_config is None and s_sched:
+        config = replace(config, scheduler_config=_flow_scheduler_keys(s_sched))
+    config = replace(config, prediction_type="flow", teacher_prediction_type="flow",
+                     family_options={**family_options, **(config.family_options or {})}, **guidance)
+    check_schedule(config)
+
+    t_text = _text_dims_of(arch, teacher, index, is_offline, "teacher")
+    s_names: tuple[str, ...] = ()
+    s_text = t_text
+    if any(_has(s_index, n) for n in encoders):
+        s_names, s_text = encoders, _text_dims_of(arch, student, s_index, is_offline, "student")
+    check_transformer_configs(s_cfg, t_cfg, s_text, t_text)
+    student_vae = _has(s_index, "vae")
+    channels = int(s_cfg["in_channels"]) // (4 if arch == "flux" else 1)  # FLUX packs 2x2 latent patches
+    factor = _vae_factor(_vae_configs(vae, teacher, student, student_vae, is_offline), channels)
+    if arch == "flux":
+        native, multiple = FLUX_SAMPLE_SIZE * factor, 2 * factor
+    else:
+        native, multiple = int(s_cfg["sample_size"]) * factor, int(s_cfg["patch_size"]) * factor
+    sizes = _sizes(sizes, native, multiple)
+    return LoadPlan(student=student, teacher=teacher, kind="pipeline", student_subfolder=None, student_file=None,
+                    config=config, offline=is_offline, sdxl=False, teacher_encoders=encoders,
+                    student_encoders=s_names, student_vae=student_vae, vae=vae, vae_scale_factor=factor,
+                    force_zeros_for_empty_prompt=False, sizes=sizes, student_unet_config=s_cfg,
+                    teacher_unet_config=t_cfg, arch=arch, max_sequence_length=max_sequence_length, **common)
+
+
+def _transformer_arch(cfg: dict, ref: str) -> str:
+    name = cfg.get("_class_name")
+    if name == "SD3Transformer2DModel":
+        return "sd3"
+    if name == "FluxTransformer2DModel":
+        return "flux"
+    raise ConfigError(f"{ref!r} has a transformer of class {name!r}; Pipeline loads SD3Transformer2DModel (SD3 / "
+                      "SD3.5), FluxTransformer2DModel (FLUX.1) and UNet pipelines (SD1.5 / SDXL)")
+
+
+def _teacher_guidance(arch: str, student_cfg: dict, teacher_cfg: dict, config: SamplerConfig, given: set) -> dict:
+    """SamplerConfig changes for how the teacher guides: a FLUX transformer with ``guidance_embeds``
+    (FLUX.1-dev) takes its scale as an input (teacher_guidance "embedded", default cfg 3.5); others use CFG.
+    A guidance-embedding student is refused (the Pipeline gives students no guidance input)."""
+    if arch == "flux" and student_cfg.get("guidance_embeds"):
+        raise ConfigError("the student transformer embeds a guidance scale (guidance_embeds); Pipeline runs "
+                          "students without guidance: pass a student without guidance_embeds (e.g. FLUX.1-schnell)")
+    embedded = arch == "flux" and bool(teacher_cfg.get("guidance_embeds"))
+    want = "embedded" if embedded else "cfg"
+    if "teacher_guidance" in given and config.teacher_guidance != want:
+        raise ConfigError(f"teacher_guidance={config.teacher_guidance!r} does not fit the teacher transformer "
+                          f"(guidance_embeds {embedded}): pass teacher_guidance={want!r} or leave it out")
+    out: dict = {"teacher_guidance": want}
+    if embedded and "cfg" not in given:
+        out["cfg"] = FLUX_EMBEDDED_CFG
+    return out
+
+
+def _flow_scheduler_keys(sched: dict) -> dict:
+    """The student scheduler config's FlowMatchEulerDiscreteScheduler settings (shift, dynamic shifting, ...):
+    the student was distilled for this schedule."""
+    import inspect
+
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    keys = set(inspect.signature(FlowMatchEulerDiscreteScheduler.__init__).parameters) - {"self"}
+    return {k: v for k, v in sched.items() if k in keys}
+
+
+def _text_dims_of(arch: str, ref: str, index: dict, is_offline: bool, who: str) -> tuple[int, int, int]:
+    """(T5 width, pooled width, CLIP states width) of a transformer pipeline's encoders: SD3 pools both CLIP
+    projections and pads their states to the T5 width; FLUX pools CLIP-L's hidden size and uses no CLIP states."""
+    names = TRANSFORMER_KINDS[arch][0]
+    missing = [n for n in names if not _has(index, n)]
+    if missing:
+        raise ConfigError(f"the {who} pipeline {ref!r} lacks {', '.join(missing)}; Pipeline runs {arch.upper()} "
+                          f"with all its text encoders ({', '.join(names)}): pass a pipeline that ships them")
+    clip = [read_json(ref, "config.json", n, is_offline, f"{who} {n}") for n in names[:-1]]
+    t5 = read_json(ref, "config.json", names[-1], is_offline, f"{who} {names[-1]}")
+    if arch == "flux":
+        return int(t5["d_model"]), int(clip[0]["hidden_size"]), 0
+    return (int(t5["d_model"]), sum(int(c["projection_dim"]) for c in clip), sum(int(c["hidden_size"]) for c in clip))
+
+
+def check_transformer_configs(student: dict, teacher: dict, student_text: tuple[int, int, int],
+                              teacher_text: tuple[int, int, int]) -> None:
+    """Raise ConfigError unless the SD3 / FLUX transformer configs fit each other and their text encoders.
+
+    *_text: (T5 width, pooled width, CLIP states width) of the encoders each transformer uses."""
+    _check_latent_channels(student, teacher)
+    for who, cfg, (width, pooled, clip) in (("student", student, student_text), ("teacher", teacher, teacher_text)):
+        jad, pp = int(cfg["joint_attention_dim"]), int(cfg["pooled_projection_dim"])
+        if jad != width:
+            raise ConfigError(f"the {who} transformer's joint_attention_dim is {jad} but its T5 encoder gives width "
+                              f"{width}: pass a {who} whose conditioning matches its encoders")
+        if pp != pooled:
+            raise ConfigError(f"the {who} transformer's pooled_projection_dim is {pp} but its CLIP projections give "
+                              f"{pooled}: pass a {who} whose conditioning matches its encoders")
+        if clip > width:
+            raise ConfigError(f"the {who}'s CLIP states are {clip} wide, more than the T5 width {width} they are "
+                              "zero-padded to: pass encoders of one SD3 pipeline")
