@@ -102,6 +102,8 @@ class PresetInfo:
     kind:          "unet" (UNetDenoiser; SDXL-style time_ids when pooled), "sd3" or "flux" (transformer
                    adapters; pooled only, no time_ids).
     teacher_config: overrides of ``unet_config`` for the teacher (FLUX.1-dev: guidance_embeds=True).
+    teacher_tokens: the teacher's text tokens when its pipeline encodes a longer sequence than the
+                   student's (FLUX.1-dev 512 T5 tokens, schnell 256); None: the student's ``tokens``.
     sampler_defaults: SamplerConfig fields the pair samples with unless a caller overrides them (family,
                    family_options, teacher_guidance, cfg, lam); see :meth:`sampler_config`.
     """
@@ -118,6 +120,7 @@ class PresetInfo:
     kind: str = "unet"
     bf16_gb: float | None = None
     teacher_config: dict | None = None
+    teacher_tokens: int | None = None
     sampler_defaults: dict = field(default_factory=dict)
 
     @property
@@ -136,12 +139,16 @@ class PresetInfo:
             return self.fp32_gb * dtype.itemsize / 4
         return self.bf16_gb if self.bf16_gb is not None else self.fp32_gb / 2
 
-    def cond_spec(self):
-        """The Runtime's CondSpec of one conditioning row of this preset."""
+    def cond_spec(self, teacher: bool = False):
+        """The Runtime's CondSpec of one conditioning row of this preset (``teacher``: the teacher's, None
+        when it takes the student's conditioning)."""
         from .denoiser import SDXL_TIME_IDS
         from .runtime import CondSpec
 
-        return CondSpec(self.tokens, self.width, pooled=self.pooled, time_ids=SDXL_TIME_IDS if self.time_ids else None)
+        if teacher and self.teacher_tokens is None:
+            return None
+        return CondSpec(self.teacher_tokens if teacher else self.tokens, self.width, pooled=self.pooled,
+                        time_ids=SDXL_TIME_IDS if self.time_ids else None)
 
     def sampler_config(self, **overrides):
         """A SamplerConfig of ``sampler_defaults`` with ``overrides`` on top (None values are dropped, so a
@@ -192,17 +199,19 @@ PRESETS: dict[str, PresetInfo] = {
     # flow-matching transformers: 8 text tokens of width joint_attention_dim, pooled projection, no time_ids
     "tiny_sd3": PresetInfo("tiny_sd3", _TINY_SD3, (4, 16, 16), 8, 32, 32, 0.01, None, 128, kind="sd3",
                            sampler_defaults=_sd3_defaults()),
+    # (the tiny FLUX teacher reads a longer text sequence than its student, as FLUX.1-dev does)
     "tiny_flux": PresetInfo("tiny_flux", _TINY_FLUX, (4, 16, 16), 8, 32, 32, 0.01, None, 128, kind="flux",
-                            teacher_config={"guidance_embeds": True}, sampler_defaults=_flux_defaults((16, 16))),
+                            teacher_config={"guidance_embeds": True}, teacher_tokens=16,
+                            sampler_defaults=_flux_defaults((16, 16))),
     # 1024 x 1024: latents 16 x 128 x 128. SD3.5: 77 CLIP + 256 T5 tokens (StableDiffusion3Pipeline's
-    # default max_sequence_length), pooled CLIP-L + CLIP-G 2048. FLUX: 512 T5 tokens (FLUX.1-dev's
-    # pipeline default; schnell's pipeline caps at 256, used for both here: one token count per preset),
-    # pooled CLIP-L 768. Memory from the parameter counts (SD3.5: 8.06 B + 0.09 B position buffer each;
-    # FLUX: 11.89 B + 11.90 B).
+    # default max_sequence_length), pooled CLIP-L + CLIP-G 2048. FLUX: 256 T5 tokens for the schnell
+    # student, 512 for the dev teacher (FluxPipeline's caps for each), pooled CLIP-L 768. Memory from the
+    # parameter counts (SD3.5: 8.06 B + 0.09 B position buffer each; FLUX: 11.89 B + 11.90 B).
     "sd35": PresetInfo("sd35", _SD35, (16, 128, 128), 333, 4096, 2048, 65.2, None, 1024, kind="sd3", bf16_gb=32.6,
                        sampler_defaults=_sd3_defaults()),
-    "flux": PresetInfo("flux", _FLUX, (16, 128, 128), 512, 4096, 768, 95.2, None, 1024, kind="flux", bf16_gb=47.6,
-                       teacher_config={"guidance_embeds": True}, sampler_defaults=_flux_defaults((128, 128))),
+    "flux": PresetInfo("flux", _FLUX, (16, 128, 128), 256, 4096, 768, 95.2, None, 1024, kind="flux", bf16_gb=47.6,
+                       teacher_config={"guidance_embeds": True}, teacher_tokens=512,
+                       sampler_defaults=_flux_defaults((128, 128))),
 }
 
 
@@ -222,15 +231,19 @@ class ModelPair:
     device: torch.device
     dtype: torch.dtype
 
-    def random_cond(self, batch: int, seed: int = 0) -> tuple[Cond, Cond | None]:
+    def random_cond(self, batch: int, seed: int = 0, *, teacher: bool = False) -> tuple[Cond | None, Cond | None]:
         """(cond, uncond) with random text states of the right shapes (benchmarks and tests): pooled
         text_embeds when the preset has them, SDXL time_ids only for SDXL-style UNets. uncond is None for
-        an embedded-guidance teacher (it takes no unconditional half)."""
-        g = torch.Generator().manual_seed(seed)
+        an embedded-guidance teacher (it takes no unconditional half). ``teacher``: the teacher's own
+        (teacher_cond, teacher_uncond) when it has ``teacher_tokens``, else (None, None)."""
         i = self.info
+        if teacher and i.teacher_tokens is None:
+            return None, None
+        g = torch.Generator().manual_seed(seed + (1 if teacher else 0))
+        tokens = i.teacher_tokens if teacher else i.tokens
 
         def one(rows):
-            ehs = torch.randn(rows, i.tokens, i.width, generator=g)
+            ehs = torch.randn(rows, tokens, i.width, generator=g)
             te = torch.randn(rows, i.pooled, generator=g) if i.pooled is not None else None
             tid = sdxl_time_ids(i.resolution, i.resolution, rows) if i.time_ids else None
             return Cond(ehs, te, tid).to(self.device, self.dtype)

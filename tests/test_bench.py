@@ -207,7 +207,7 @@ def test_bench_pipeline_loaded_pair(tmp_path_factory, tmp_path):
                        "--family", "lcm", "--no-progress"]) == 2
 
 
-@pytest.mark.parametrize("preset,teacher,why", [("tiny_flux", "embedded", "CFG teacher"),
+@pytest.mark.parametrize("preset,teacher,why", [("tiny_flux", "embedded", "teacher reads its own (16 tokens)"),
                                                 ("tiny_sd3", "cfg", "family 'flow' has none")])
 def test_bench_flow_presets(preset, teacher, why, tmp_path, capsys):
     """``--preset tiny_flux`` / ``tiny_sd3``: the distpp variants run the preset's flow family and teacher;

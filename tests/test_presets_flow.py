@@ -25,7 +25,8 @@ def _teacher_calls(pair):
     """Record (rows, guidance) of every teacher transformer forward."""
     calls = []
     pair.teacher.transformer.register_forward_pre_hook(
-        lambda mod, args, kw: calls.append((kw["hidden_states"].shape[0], kw.get("guidance"))), with_kwargs=True)
+        lambda mod, args, kw: calls.append((kw["hidden_states"].shape[0], kw.get("guidance"),
+                                            kw["encoder_hidden_states"].shape[1])), with_kwargs=True)
     return calls
 
 
@@ -48,7 +49,13 @@ def test_tiny_flow_preset_builds_and_samples(pairs, name):
     cfg = pair.sampler_config(steps=3, guided_steps=1)
     assert cfg.family == "flow" and cfg.teacher_guidance == ("embedded" if embedded else "cfg")
     calls = _teacher_calls(pair)
-    kw = dict(uncond=uncond, latent_shape=info.latent_shape, seeds=[3, 4])
+    teacher_cond, teacher_uncond = pair.random_cond(B, teacher=True)
+    if embedded:  # FLUX.1-dev style: the teacher reads a longer text sequence of its own, no uncond
+        assert teacher_cond.encoder_hidden_states.shape == (B, info.teacher_tokens, info.width)
+        assert teacher_uncond is None and info.cond_spec(teacher=True).tokens == info.teacher_tokens
+    else:
+        assert teacher_cond is None and info.cond_spec(teacher=True) is None
+    kw = dict(uncond=uncond, teacher_cond=teacher_cond, latent_shape=info.latent_shape, seeds=[3, 4])
     with torch.no_grad():
         guided = Sampler(pair.student, pair.teacher, cfg).sample(cond, **kw)
         plain = Sampler(pair.student, None, pair.sampler_config(steps=3, guided_steps=0)).sample(
@@ -58,7 +65,7 @@ def test_tiny_flow_preset_builds_and_samples(pairs, name):
     assert torch.equal(lam0, plain)  # lam = 0 reproduces the plain student exactly
     assert not torch.allclose(guided, plain)  # the teacher's guidance reached the result
     if embedded:  # one batch-B forward with guidance = w per row, no unconditional half
-        assert [c[0] for c in calls] == [B, B]
+        assert [c[0] for c in calls] == [B, B] and {c[2] for c in calls} == {info.teacher_tokens}
         assert all(torch.equal(c[1], torch.full((B,), 3.5)) for c in calls)
     else:  # CFG: [uncond; cond], 2B rows
         assert [c[0] for c in calls] == [2 * B, 2 * B]
@@ -77,6 +84,7 @@ def test_flow_preset_defaults():
     # the command line's options win; an unset (None) option keeps the preset's; another family drops its options
     assert flux.sampler_config(cfg=2.0, lam=None).cfg == 2.0 and flux.sampler_config(lam=None).lam == 0.05
     assert sd3.sampler_config(family="lcm", cfg=None).family_options is None
+    assert (PRESETS["flux"].tokens, PRESETS["flux"].teacher_tokens) == (256, 512)  # schnell's and dev's T5 caps
     for name in ("tiny", "tiny_xl", "sd15", "sdxl"):  # the UNet presets are unchanged
         assert PRESETS[name].kind == "unet" and PRESETS[name].sampler_defaults == {}
     assert PRESETS["tiny_xl"].time_ids and not sd3.time_ids

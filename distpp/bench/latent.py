@@ -26,16 +26,20 @@ def build_variants(args, pair, device, dtype) -> tuple[list[Variant], dict]:
                      GRAPH_VARIANTS if args.graphs == "on" else ())
     B, info = args.batch, pair.info
     cond, uncond = pair.random_cond(B)  # uncond None for an embedded-guidance teacher
+    teacher_cond, teacher_uncond = pair.random_cond(B, teacher=True)  # None: the teacher reads cond / uncond
     shape, seeds = info.latent_shape, list(range(B))
     guided_cfg = sampler_config(args, info=info)
     plain = {"guided_steps": 0}
-    spec = info.cond_spec()
+    spec, teacher_spec = info.cond_spec(), info.cond_spec(teacher=True)
     options = backend_options(args)
     # the eager and research baselines run the eager models, outside the Runtime, on purpose; a config they
     # do not implement (family flow, an embedded-guidance teacher) leaves them out with a note, not a crash
     baselines, skipped = {}, {}
     for n in ("eager", "research"):
-        if n in names:
+        if n in names and teacher_cond is not None:
+            skipped[n] = (f"the baselines run the teacher on the student's conditioning; preset {args.preset}'s "
+                          f"teacher reads its own ({info.teacher_tokens} tokens)")
+        elif n in names:
             try:
                 baselines[n] = BaselineSampler(pair.student, pair.teacher, guided_cfg, device=device, dtype=dtype,
                                                research=n == "research")
@@ -47,9 +51,9 @@ def build_variants(args, pair, device, dtype) -> tuple[list[Variant], dict]:
                           "--variants unguided,distpp")
 
     def runtime(graphs: bool) -> Runtime:
-        return Runtime(pair.student, pair.teacher, cond_spec=spec, config=guided_cfg, backend=args.backend,
-                       graphs=graphs, batch_sizes=(B,), resolutions=(tuple(shape[1:]),), device=device, dtype=dtype,
-                       backend_options=options, label=args.preset)
+        return Runtime(pair.student, pair.teacher, cond_spec=spec, teacher_cond_spec=teacher_spec, config=guided_cfg,
+                       backend=args.backend, graphs=graphs, batch_sizes=(B,), resolutions=(tuple(shape[1:]),),
+                       device=device, dtype=dtype, backend_options=options, label=args.preset)
 
     runtimes = {}
     if {"unguided", "distpp"} & set(names):
@@ -57,6 +61,8 @@ def build_variants(args, pair, device, dtype) -> tuple[list[Variant], dict]:
     if set(GRAPH_VARIANTS) & set(names):
         runtimes["graphs"] = runtime(True)
     guided_kw = dict(uncond=uncond, latent_shape=shape, seeds=seeds)
+    if teacher_cond is not None:
+        guided_kw.update(teacher_cond=teacher_cond, teacher_uncond=teacher_uncond)
     plain_kw = dict(latent_shape=shape, seeds=seeds)
     forwards = None
     if "graphs" in runtimes:
@@ -64,7 +70,7 @@ def build_variants(args, pair, device, dtype) -> tuple[list[Variant], dict]:
         rt.warmup([guided_cfg, plain], progress=False)
         forwards = GraphRunner(rt.sampler(guided_cfg), graphs=True, ops=noop_ops(), model=rt.label,
                                backend=rt.backend)
-        forwards.warmup(cond, batch_sizes=[B], uncond=uncond, latent_shape=shape)
+        forwards.warmup(cond, batch_sizes=[B], **{k: v for k, v in guided_kw.items() if k != "seeds"})
     eager, graphs = runtimes.get("eager"), runtimes.get("graphs")
     makers = {
         "unguided": lambda tm: eager.sample(plain, cond, timer=tm, **plain_kw),
