@@ -153,12 +153,15 @@ class PresetInfo:
     def sampler_config(self, **overrides):
         """A SamplerConfig of ``sampler_defaults`` with ``overrides`` on top (None values are dropped, so a
         CLI's unset options keep the preset's defaults). Overriding ``family`` drops the preset's
-        family_options (they belong to its family)."""
+        family_options (they belong to its family); a transformer preset samples with its own family only."""
         from .config import SamplerConfig
 
         kw = dict(self.sampler_defaults)
         given = {k: v for k, v in overrides.items() if v is not None}
         if given.get("family", kw.get("family")) != kw.get("family"):
+            if self.kind != "unet":
+                raise ConfigError(f"preset {self.name!r} holds flow-matching transformers (velocity prediction): "
+                                  f"family {kw.get('family')!r} samples them, got {given['family']!r} (drop --family)")
             kw.pop("family_options", None)
         kw.update(given)
         return SamplerConfig(**kw)

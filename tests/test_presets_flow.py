@@ -83,7 +83,9 @@ def test_flow_preset_defaults():
     assert flux.teacher_config == {"guidance_embeds": True} and not flux.unet_config["guidance_embeds"]
     # the command line's options win; an unset (None) option keeps the preset's; another family drops its options
     assert flux.sampler_config(cfg=2.0, lam=None).cfg == 2.0 and flux.sampler_config(lam=None).lam == 0.05
-    assert sd3.sampler_config(family="lcm", cfg=None).family_options is None
+    with pytest.raises(ConfigError, match="preset 'tiny_sd3' holds flow-matching transformers .* got 'lcm'"):
+        sd3.sampler_config(family="lcm")
+    assert PRESETS["tiny"].sampler_config(family="euler", cfg=None).family == "euler"
     assert (PRESETS["flux"].tokens, PRESETS["flux"].teacher_tokens) == (256, 512)  # schnell's and dev's T5 caps
     for name in ("tiny", "tiny_xl", "sd15", "sdxl"):  # the UNet presets are unchanged
         assert PRESETS[name].kind == "unet" and PRESETS[name].sampler_defaults == {}
