@@ -8,7 +8,9 @@
 #   benchmarks/gpu_check.sh --cpu        # run the stages on a CPU machine (host-only build, cuda tests skip,
 #                                        # CPU bench mode): tests this script without a GPU
 # Options: --sdxl (also SDXL latents in the kernel bench: default SD1.5 only, batches 1 4 8; and an SDXL
-# sampler run), --compile (sampler bench with torch.compile UNets), --sweep (sampler batches 2, 8 and G = 2).
+# sampler run), --compile (sampler bench with torch.compile UNets), --sweep (sampler batches 2, 8 and G = 2),
+# --flux (FLUX.1 schnell + dev architecture at 1024, random weights, bf16: the guided/unguided loop ratio
+# under graphs against issue 15's bound 1.30; needs ~48 GB of GPU memory; --cpu: the tiny_flux preset).
 # Every stage logs to $OUT/<stage>.log; a failing stage is recorded and the next one still runs. The default
 # run also times prompt -> image end to end (SD1.5 architecture with CLIP-L and the SD1.5 VAE, random
 # weights; needs transformers, tokenizers and regex wheels in .whl/ beside diffusers') and one serve
@@ -20,6 +22,7 @@ MODE=gpu
 SDXL=0
 COMPILE=0
 SWEEP=0
+FLUX=0
 for arg in "$@"; do
   case "$arg" in
     --dry-run) MODE=dry ;;
@@ -27,8 +30,9 @@ for arg in "$@"; do
     --sdxl) SDXL=1 ;;
     --compile) COMPILE=1 ;;
     --sweep) SWEEP=1 ;;
-    -h|--help) sed -n '2,17p' "$0"; exit 0 ;;
-    *) echo "unknown option $arg (use --dry-run, --cpu, --sdxl, --compile, --sweep)"; exit 2 ;;
+    --flux) FLUX=1 ;;
+    -h|--help) sed -n '2,19p' "$0"; exit 0 ;;
+    *) echo "unknown option $arg (use --dry-run, --cpu, --sdxl, --compile, --sweep, --flux)"; exit 2 ;;
   esac
 done
 
@@ -110,6 +114,7 @@ if [ "$MODE" != dry ] && [ -f "$OUT/bench_guidance.log" ]; then
 fi
 if [ "$MODE" != dry ] && type print_sampler_summary >/dev/null 2>&1; then print_sampler_summary; fi
 if [ "$MODE" != dry ] && type print_e2e_summary >/dev/null 2>&1; then print_e2e_summary; fi
+if [ "$MODE" != dry ] && type print_flux_summary >/dev/null 2>&1; then print_flux_summary; fi
 printf '%-16s %-14s %s\n' stage status seconds
 while IFS=$'\t' read -r name status secs; do printf '%-16s %-14s %s\n' "$name" "$status" "$secs"; done < "$SUMMARY"
 grep -q FAILED "$SUMMARY" && exit 1

@@ -46,6 +46,9 @@ class BaselineSampler:
             raise NotImplementedError("the baselines implement the 'next' and 'same' teacher rules")
         if config.teacher_guidance != "cfg":
             raise NotImplementedError("the baselines implement the CFG teacher (teacher_guidance='cfg') only")
+        if config.family == "flow":
+            raise NotImplementedError("the baselines implement the VP families (alphas_cumprod schedules); family "
+                                      "'flow' has none")
         self.config, self.device, self.dtype = config, torch.device(device), dtype
         self.teacher_dtype, self.research = teacher_dtype or dtype, research
         self.student, self.teacher = as_denoiser(student), as_denoiser(teacher)

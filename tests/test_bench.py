@@ -205,3 +205,34 @@ def test_bench_pipeline_loaded_pair(tmp_path_factory, tmp_path):
     assert data["settings"]["model"].endswith("sd_teacher") and data["settings"]["family"] == "lcm"
     assert bench.main(["--pipeline", "--student", str(tmp_path / "nowhere"), "--teacher", repos["sd_teacher"],
                        "--family", "lcm", "--no-progress"]) == 2
+
+
+@pytest.mark.parametrize("preset,teacher,why", [("tiny_flux", "embedded", "teacher reads its own (16 tokens)"),
+                                                ("tiny_sd3", "cfg", "family 'flow' has none")])
+def test_bench_flow_presets(preset, teacher, why, tmp_path, capsys):
+    """``--preset tiny_flux`` / ``tiny_sd3``: the distpp variants run the preset's flow family and teacher;
+    the eager / research baselines (VP families, CFG teachers only) are left out with a printed note,
+    and the printed table, JSON rows, speed-ups and time ratios agree on what ran."""
+    out = tmp_path / "f.json"
+    rc = bench.main(["--preset", preset, "--repeats", "1", "--warmup", "0", "--no-progress", "--threads", "1",
+                     "--steps", "2", "--json", str(out)])
+    assert rc == 0
+    data = json.loads(out.read_text())
+    printed = capsys.readouterr().out
+    rows = {r["variant"]: r for r in data["rows"]}
+    assert list(rows) == ["unguided", "distpp"] and set(_table(printed)) == set(rows)
+    assert rows["distpp"]["teacher_ms"] > 0 and rows["unguided"]["teacher_ms"] == 0
+    s = data["settings"]
+    assert s["family"] == "flow" and s["teacher_guidance"] == teacher and set(s["skipped"]) == {"eager", "research"}
+    assert s["cfg"] == (3.5 if teacher == "embedded" else 4.0) and s["lam"] == 0.05
+    assert all(why in r for r in s["skipped"].values())
+    assert "note: variant eager skipped: " in printed and why in printed and "family=flow" in printed
+    assert data["speedups"] == [] and "guided/unguided time ratio" in data["time_ratios"]
+    # a --cfg given on the command line wins over the preset's w
+    assert bench.main(["--preset", preset, "--variants", "distpp", "--cfg", "2.0", "--repeats", "1", "--warmup",
+                       "0", "--no-progress", "--json", str(out)]) == 0
+    assert json.loads(out.read_text())["settings"]["cfg"] == 2.0
+    capsys.readouterr()
+    assert bench.main(["--preset", preset, "--variants", "eager", "--repeats", "1", "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "no variant left to time" in err and len(err.strip().splitlines()) == 1

@@ -11,6 +11,10 @@ outside model forwards. Variants, all on the same models, seeds and settings:
   distpp     distpp guided (fused ops, no host math in the loop) } (graphs off; ``--backend``)
   eager      the idiomatic diffusers way (distpp.baselines): the fair baseline } outside the Runtime
   research   the research code's way (batch-2B student, autograd on, host math) } on purpose
+A preset brings its sampler defaults (the flow presets tiny_sd3, tiny_flux, sd35, flux: family flow with
+its schedule options, the teacher's guidance form, w and lam); command-line options override them. The
+baselines implement the VP families with CFG teachers only: for a flow preset or an embedded-guidance
+teacher they are left out with a printed note (``settings["skipped"]`` in the JSON), never a crash.
 With ``--graphs on``, through a Runtime with graphs on, warmed before timing (whole-loop CUDA graphs on a
 GPU, timed per replay as stage "graph"; eager over static buffers on a CPU):
   distpp_graph    distpp guided

@@ -27,13 +27,16 @@ def parse_args(argv=None) -> argparse.Namespace:
 
     p = _Parser(prog="python -m distpp.bench",
                                 description="guided-sampling latency of distpp against baselines run in the same process")
-    p.add_argument("--preset", default="tiny", help="tiny (default), tiny_xl, sd15, sdxl (--pipeline: tiny, sd15)")
+    p.add_argument("--preset", default="tiny", help="tiny (default), tiny_xl, sd15, sdxl; flow transformers tiny_sd3, "
+                   "tiny_flux, sd35, flux (their family, schedule and teacher from the preset) (--pipeline: tiny, sd15)")
     p.add_argument("--weights", default=None, help="local folder with student/ and teacher/ UNets (else random)")
-    p.add_argument("--family", default=None, help="student family: lcm (default), dmd2, euler, euler_a, ddim")
+    p.add_argument("--family", default=None, help="student family: lcm (default; flow presets: flow), dmd2, euler, "
+                   "euler_a, ddim")
     p.add_argument("--steps", type=int, default=4)
     p.add_argument("--guided-steps", type=int, default=1)
     p.add_argument("--lam", type=float, default=None, help="proximal weight (default: the family's)")
-    p.add_argument("--cfg", type=float, default=7.5, help="teacher CFG scale")
+    p.add_argument("--cfg", type=float, default=None, help="teacher guidance scale w: CFG, or an embedded-guidance "
+                   "teacher's input (default: the preset's, else 7.5)")
     p.add_argument("--batch", type=int, default=1, help=f"images per call, 1..{MAX_BATCH}")
     p.add_argument("--dtype", default="auto", help="auto (float16 on CUDA, float32 on CPU), float32, float16, bfloat16")
     p.add_argument("--device", default="auto", help="auto (cuda if available), cuda, cpu")

@@ -124,9 +124,14 @@ def backend_options(args) -> dict:
     return {"compile": CompileConfig(mode=args.compile_mode, backend=args.compile_backend)}
 
 
-def sampler_config(args, family: str | None = None) -> SamplerConfig:
-    return SamplerConfig(family=family or args.family or "lcm", steps=args.steps, guided_steps=args.guided_steps,
-                         lam=args.lam, cfg=args.cfg, kernel_impl=args.kernel_impl)
+def sampler_config(args, family: str | None = None, info=None) -> SamplerConfig:
+    """The run's SamplerConfig: the options given on the command line over the preset's sampler defaults
+    (``info``: a PresetInfo; flow presets bring family, schedule options, teacher guidance, w and lam)."""
+    given = dict(family=family or args.family, steps=args.steps, guided_steps=args.guided_steps, lam=args.lam,
+                 cfg=args.cfg, kernel_impl=args.kernel_impl)
+    if info is not None:
+        return info.sampler_config(**given)
+    return SamplerConfig(**{**dict(family="lcm"), **{k: v for k, v in given.items() if v is not None}})
 
 
 def time_variants(variants: list[Variant], device, warmup: int, repeats: int, progress: bool, telemetry=None) -> None:

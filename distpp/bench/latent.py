@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from ..dtypes import dtype_name
+from ..errors import ConfigError
 from .common import Variant, backend_options, sampler_config, selected
 
 GRAPH_VARIANTS = ("distpp_graph", "unguided_graph", "forwards_graph")
@@ -18,34 +19,50 @@ TIME_RATIOS = (("distpp", "unguided", "guided/unguided time ratio"),
 def build_variants(args, pair, device, dtype) -> tuple[list[Variant], dict]:
     """The latent-loop variants (module docstring) and the run's settings."""
     from ..baselines import BaselineSampler
-    from ..denoiser import SDXL_TIME_IDS
     from ..graphs import GraphRunner, noop_ops
-    from ..runtime import CondSpec, Runtime
+    from ..runtime import Runtime
 
     names = selected(args, LATENT_VARIANTS, "unguided,distpp,eager,research",
                      GRAPH_VARIANTS if args.graphs == "on" else ())
     B, info = args.batch, pair.info
-    cond, uncond = pair.random_cond(B)
+    cond, uncond = pair.random_cond(B)  # uncond None for an embedded-guidance teacher
+    teacher_cond, teacher_uncond = pair.random_cond(B, teacher=True)  # None: the teacher reads cond / uncond
     shape, seeds = info.latent_shape, list(range(B))
-    guided_cfg = sampler_config(args)
+    guided_cfg = sampler_config(args, info=info)
     plain = {"guided_steps": 0}
-    spec = CondSpec(info.tokens, info.width, pooled=info.pooled, time_ids=SDXL_TIME_IDS if info.pooled else None)
+    spec, teacher_spec = info.cond_spec(), info.cond_spec(teacher=True)
     options = backend_options(args)
+    # the eager and research baselines run the eager models, outside the Runtime, on purpose; a config they
+    # do not implement (family flow, an embedded-guidance teacher) leaves them out with a note, not a crash
+    baselines, skipped = {}, {}
+    for n in ("eager", "research"):
+        if n in names and teacher_cond is not None:
+            skipped[n] = (f"the baselines run the teacher on the student's conditioning; preset {args.preset}'s "
+                          f"teacher reads its own ({info.teacher_tokens} tokens)")
+        elif n in names:
+            try:
+                baselines[n] = BaselineSampler(pair.student, pair.teacher, guided_cfg, device=device, dtype=dtype,
+                                               research=n == "research")
+            except NotImplementedError as e:
+                skipped[n] = str(e)
+    names = [n for n in names if n not in skipped]
+    if not names:
+        raise ConfigError(f"no variant left to time: {'; '.join(f'{n}: {r}' for n, r in skipped.items())}; pass "
+                          "--variants unguided,distpp")
 
     def runtime(graphs: bool) -> Runtime:
-        return Runtime(pair.student, pair.teacher, cond_spec=spec, config=guided_cfg, backend=args.backend,
-                       graphs=graphs, batch_sizes=(B,), resolutions=(tuple(shape[1:]),), device=device, dtype=dtype,
-                       backend_options=options, label=args.preset)
+        return Runtime(pair.student, pair.teacher, cond_spec=spec, teacher_cond_spec=teacher_spec, config=guided_cfg,
+                       backend=args.backend, graphs=graphs, batch_sizes=(B,), resolutions=(tuple(shape[1:]),),
+                       device=device, dtype=dtype, backend_options=options, label=args.preset)
 
     runtimes = {}
     if {"unguided", "distpp"} & set(names):
         runtimes["eager"] = runtime(False)
     if set(GRAPH_VARIANTS) & set(names):
         runtimes["graphs"] = runtime(True)
-    # the eager and research baselines run the eager UNets, outside the Runtime, on purpose
-    baselines = {n: BaselineSampler(pair.student, pair.teacher, guided_cfg, device=device, dtype=dtype,
-                                    research=n == "research") for n in ("eager", "research") if n in names}
     guided_kw = dict(uncond=uncond, latent_shape=shape, seeds=seeds)
+    if teacher_cond is not None:
+        guided_kw.update(teacher_cond=teacher_cond, teacher_uncond=teacher_uncond)
     plain_kw = dict(latent_shape=shape, seeds=seeds)
     forwards = None
     if "graphs" in runtimes:
@@ -53,7 +70,7 @@ def build_variants(args, pair, device, dtype) -> tuple[list[Variant], dict]:
         rt.warmup([guided_cfg, plain], progress=False)
         forwards = GraphRunner(rt.sampler(guided_cfg), graphs=True, ops=noop_ops(), model=rt.label,
                                backend=rt.backend)
-        forwards.warmup(cond, batch_sizes=[B], uncond=uncond, latent_shape=shape)
+        forwards.warmup(cond, batch_sizes=[B], **{k: v for k, v in guided_kw.items() if k != "seeds"})
     eager, graphs = runtimes.get("eager"), runtimes.get("graphs")
     makers = {
         "unguided": lambda tm: eager.sample(plain, cond, timer=tm, **plain_kw),
@@ -66,7 +83,9 @@ def build_variants(args, pair, device, dtype) -> tuple[list[Variant], dict]:
     }
     any_rt = next(iter(runtimes.values()), None)
     settings = {"mode": "latent", "preset": args.preset, "family": guided_cfg.family, "steps": args.steps,
-                "guided_steps": args.guided_steps, "lam": guided_cfg.resolved_lam, "cfg": args.cfg, "batch": B,
+                "guided_steps": args.guided_steps, "lam": guided_cfg.resolved_lam, "cfg": guided_cfg.cfg,
+                "teacher_guidance": guided_cfg.teacher_guidance,
+                "family_options": dict(guided_cfg.family_options or {}), "skipped": skipped, "batch": B,
                 "dtype": dtype_name(dtype), "latent_shape": list(shape),
                 "kernel_impl": any_rt.sampler(guided_cfg).ops.name if any_rt else args.kernel_impl,
                 "backend": any_rt.backend if any_rt else args.backend, "graphs": args.graphs,

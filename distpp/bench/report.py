@@ -91,10 +91,14 @@ def report(doc: dict) -> str:
     s, env, rows = doc["settings"], doc["env"], doc["rows"]
     e2e = s["mode"] == "pipeline"
     what = (f"end to end ({s['model']}, {s['height']}x{s['width']})" if e2e else f"latent loop preset={s['preset']}")
-    lines = [f"distpp.bench  {what} family={s['family']} steps={s['steps']} G={s['guided_steps']} lam={s['lam']} "
-             f"cfg={s['cfg']} batch={s['batch']} dtype={s['dtype']} ops={s['kernel_impl']} backend={s['backend']}  "
-             f"device={env['device_name']} threads={env['cpu_threads']} (build {doc['build_s']:.1f} s, "
-             f"{s['repeats']} repeats)", format_table(rows, end_to_end=e2e)]
+    teacher = " teacher=embedded" if s.get("teacher_guidance") == "embedded" else ""
+    opts = "".join(f" {k}={v}" for k, v in s.get("family_options", {}).items())
+    lines = [f"distpp.bench  {what} family={s['family']}{opts} steps={s['steps']} G={s['guided_steps']} "
+             f"lam={s['lam']} cfg={s['cfg']}{teacher} batch={s['batch']} dtype={s['dtype']} ops={s['kernel_impl']} "
+             f"backend={s['backend']}  device={env['device_name']} threads={env['cpu_threads']} "
+             f"(build {doc['build_s']:.1f} s, {s['repeats']} repeats)"]
+    lines += [f"note: variant {n} skipped: {why}" for n, why in s.get("skipped", {}).items()]
+    lines.append(format_table(rows, end_to_end=e2e))
     if doc["speedups"]:
         lines.append(doc["speedup_convention"] + ":")
         lines.append("  " + "  ".join(f"{u['name']} = {u['speedup']:.3f}" for u in doc["speedups"]))

@@ -27,6 +27,23 @@ def test_gpu_check_dry_run(tmp_path):
     assert "--pipeline --preset sd15 --dtype float16 --device cuda" in e2e and "--batch 1" in e2e
 
 
+def test_gpu_check_flux_stage_behind_its_flag(tmp_path):
+    """--flux adds the FLUX loop stage (the flux preset in bfloat16 on CUDA, batch 1, 4 steps + 1 guided,
+    graphs on both loops); without the flag it is not planned."""
+    def plan(*flags):
+        out = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_check.sh"), "--dry-run", *flags],
+                             capture_output=True, text=True, env={"OUT": str(tmp_path), "PATH": "/usr/bin:/bin"},
+                             timeout=60)
+        assert out.returncode == 0, out.stderr
+        return out.stdout
+
+    assert "flux_b1" not in plan()
+    flux = next(ln for ln in plan("--flux").splitlines() if ln.startswith("[dry-run] flux_b1:"))
+    for part in ("--preset flux --dtype bfloat16 --device cuda", "--steps 4 --guided-steps 1 --batch 1",
+                 "--graphs on --variants distpp_graph,unguided_graph"):
+        assert part in flux
+
+
 def test_e2e_import_check_names_what_is_missing(tmp_path):
     """The end-to-end stages' import check: with transformers unimportable it names it and the wheels."""
     out = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_check.sh"), "--dry-run"], capture_output=True,
