@@ -79,6 +79,7 @@ REQUESTS = [
 # --- validation (no Ray) -------------------------------------------------------------------------------
 @pytest.mark.parametrize("body, err, words", [
     ({"prompt": "x", "lam": 1.5}, ConfigError, "lam must be a number in [0, 1]"),
+    ({"prompt": "x", "family": "flow"}, ConfigError, "preset UNets predict epsilon"),
     ({"prompt": "x", "lam": "0.1"}, ConfigError, "lam must be"),
     ({"prompt": "x", "lam": float("nan")}, ConfigError, "lam must be"),
     ({"prompt": "x", "cfg": -1}, ConfigError, "cfg"),
@@ -131,7 +132,8 @@ def test_settings_validation_and_strings():
                       (dict(device="tpu"), "device"), (dict(family="x"), "unknown family"),
                       (dict(batch_wait_timeout_s=-1), "batch_wait_timeout_s"), (dict(guided_steps=9), "guided_steps"),
                       (dict(dtype="int8"), "dtype must be one of"),
-                      (dict(device="cpu", dtype="float16"), "float16 does not run on CPU")):
+                      (dict(device="cpu", dtype="float16"), "float16 does not run on CPU"),
+                      (dict(preset="tiny_flux"), "serves UNet presets")):
         with pytest.raises(ConfigError, match=words):
             ServeSettings(**kw)
 

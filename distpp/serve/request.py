@@ -104,7 +104,10 @@ class ServeSettings:
     def __post_init__(self):
         from ..presets import preset_info
 
-        preset_info(self.preset)
+        if preset_info(self.preset).kind != "unet":  # /sample's stand-in prompt states and epsilon families
+            raise ConfigError(f"preset {self.preset!r} is a flow transformer pair: the preset mode (/sample) serves "
+                              "UNet presets (tiny, tiny_xl, sd15, sdxl); serve SD3.5 / FLUX pipelines with "
+                              "student=/teacher= folders (/generate)")
         if (self.student is None) != (self.teacher is None):
             raise ConfigError("pipeline mode needs both student= and teacher= (folders or Hub ids); pass neither "
                               "for preset mode")

@@ -23,8 +23,8 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from ..denoiser import SDXL_TIME_IDS, Cond
-from ..runtime import CondSpec, Runtime
+from ..denoiser import Cond
+from ..runtime import Runtime
 from .conditioning import prompt_cond
 from .http import NonFiniteResult
 from .request import GenerateRequest, SampleRequest, ServeSettings, parse_generate, parse_request, request_cost
@@ -56,7 +56,7 @@ class PresetWorker:
                                 weights=settings.weights)
         self.pair = pair
         info = pair.info
-        spec = CondSpec(info.tokens, info.width, info.pooled, SDXL_TIME_IDS if info.pooled is not None else None)
+        spec = info.cond_spec()
         self.runtime = Runtime(pair.student, pair.teacher, cond_spec=spec, config=settings.default_config(),
                                backend=settings.backend, graphs=settings.graphs,
                                batch_sizes=settings.resolved_batch_buckets, resolutions=[self.latent_shape[1:]],
