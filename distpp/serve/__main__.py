@@ -44,6 +44,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--dtype", default="float32", choices=("float32", "float16", "bfloat16"))
     p.add_argument("--no-warm", action="store_true", help="skip the warm-up sample at replica start")
     p.add_argument("--address", default=None, help="Ray cluster address (auto, host:port); default: start locally")
+    p.add_argument("--node-ip-address", default="127.0.0.1",
+                   help="with --address: this driver's node IP in the cluster (default 127.0.0.1, a cluster on this "
+                        "machine; pass this machine's cluster address to join a multi-node cluster)")
     p.add_argument("--host", default="127.0.0.1", help="HTTP host (0.0.0.0 to listen on all interfaces)")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--name", default="distpp", help="Serve application name")
@@ -72,7 +75,7 @@ def main(argv=None) -> None:
         print(f"python -m distpp.serve: error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
     from . import build_app
-    from .local_ray import init_local_ray
+    from .local_ray import connect_ray, init_local_ray
 
     if a.address is None:
         init_local_ray()  # before ray is imported: its listeners must all be on loopback
@@ -80,7 +83,7 @@ def main(argv=None) -> None:
     from ray import serve
 
     if a.address is not None:
-        ray.init(address=a.address, include_dashboard=False)
+        connect_ray(a.address, a.node_ip_address)
     serve.start(http_options={"host": a.host, "port": a.port})
     serve.run(build_app(settings), name=a.name, route_prefix=a.route_prefix)
     prefix = a.route_prefix.rstrip("/")

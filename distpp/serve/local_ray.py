@@ -49,3 +49,13 @@ def init_local_ray(**kwargs):
         ray.shutdown()
         raise ConfigError(f"the local Ray came up on {nodes}, not {LOOPBACK}; refusing to serve off loopback")
     return ctx
+
+
+def connect_ray(address: str, node_ip_address: str = LOOPBACK):
+    """``ray.init`` joining an existing cluster at ``address`` (``auto`` or host:port) with this driver's
+    node IP ``node_ip_address``: 127.0.0.1 by default (a cluster on this machine, started with
+    ``ray start --head --node-ip-address 127.0.0.1``); pass this machine's cluster address to join a
+    multi-node cluster. Starts nothing: the cluster's own listeners are where its operator put them."""
+    import ray
+
+    return ray.init(address=address, _node_ip_address=node_ip_address, include_dashboard=False)
